@@ -37,6 +37,8 @@ def _to_uint8_chw(image: ImageLike) -> torch.Tensor:
             image = image[:, :, :3]
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an (H, W, 3) array, got shape {image.shape}")
+        if not image.flags.writeable:  # torch warns on read-only buffers; nothing here writes, but copy anyway
+            image = image.copy()
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # HWC -> CHW
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3:
         return image if image.shape[0] == 3 else image.expand(3, -1, -1)

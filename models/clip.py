@@ -153,3 +153,21 @@ def _accept_scalar_logit_scale(module, state_dict, prefix, *args) -> None:
     key = prefix + "logit_scale"
     if key in state_dict and state_dict[key].ndim == 0:
         state_dict[key] = state_dict[key].reshape(1)
+
+
+# Exempt from weight decay by name, besides every gain and bias (ndim < 2).
+NO_DECAY_NAMES = frozenset({"token_embedding", "positional_embedding", "class_embedding", "logit_scale"})
+
+
+def exempt_from_weight_decay(name: str, parameter: nn.Parameter) -> bool:
+    """Gains, biases, embeddings and the logit scale are not decayed (the paper's AdamW setup)."""
+    return parameter.ndim < 2 or any(part in NO_DECAY_NAMES for part in name.split("."))
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimizer parameter groups: decayed weight matrices, and the exempt rest (weight_decay 0)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if exempt_from_weight_decay(name, parameter) else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,1 @@
+"""Ray-side machinery of rayclip: data preparation and streaming, training, checkpoints, tracking, tuning."""

@@ -1,0 +1,446 @@
+"""Turning captioned images into WebDataset shards in img2dataset's layout, in parallel on Ray, resumably.
+
+Layout of an output folder (local or ``s3://bucket/prefix``)::
+
+    00000.tar            KEY.jpg + KEY.txt (caption) + KEY.json (metadata) per sample
+    00000.parquet        one row per input record, failures included (img2dataset's per-shard table)
+    00000_stats.json     written last: its presence marks the shard complete, so re-runs keep it
+    manifest.json        shard names and sample counts (epochs and LR schedules need a length)
+    prepare_report.json  every input that could not be read, with the reason
+
+Inputs are lists of :class:`SourceRecord` built by the source readers here (captioned folder, table file,
+Fashion-MNIST). An unreadable image is recorded as a failure and never stops the job.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import struct
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from orchestrator import storage
+
+MANIFEST_NAME = "manifest.json"
+REPORT_NAME = "prepare_report.json"
+MANIFEST_FORMAT = "webdataset-img2dataset"
+IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One input sample: an image (local path, ``s3://`` URL or uint8 array), its caption and extra metadata.
+
+    ``source`` names the input in reports (path, URL or ``fashion-mnist/train/123``); ``caption`` is None
+    when the source had none, which makes the record a counted failure rather than a silent skip.
+    """
+
+    image: str | np.ndarray
+    caption: str | None
+    source: str
+    meta: dict = field(default_factory=dict)
+
+
+FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def captioned_folder_records(root: str) -> list[SourceRecord]:
+    """Every image under ``root`` with the first line of ``NAME.txt`` beside it as caption (Tux Paint's layout)."""
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"captioned folder {root} does not exist")
+    records = []
+    for image_path in sorted(p for p in base.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES):
+        caption_path = image_path.with_suffix(".txt")
+        caption = None
+        if caption_path.is_file():
+            lines = caption_path.read_text(encoding="utf-8", errors="replace").splitlines()
+            caption = lines[0].strip() if lines and lines[0].strip() else None
+        records.append(SourceRecord(str(image_path), caption, str(image_path.relative_to(base))))
+    return records
+
+
+def _read_table(raw: bytes, suffix: str) -> pa.Table:
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    if suffix == ".csv":
+        return pacsv.read_csv(pa.BufferReader(raw))
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return pajson.read_json(pa.BufferReader(raw))
+    if suffix == ".parquet":
+        return pq.read_table(pa.BufferReader(raw))
+    raise ValueError(f"table file must end in .csv, .jsonl or .parquet, got {suffix!r}")
+
+
+def table_records(table_url: str, *, image_column: str = "image", caption_column: str = "caption",
+                  endpoint_url: str | None = None) -> list[SourceRecord]:
+    """Rows of a CSV / JSONL / Parquet table naming an image (relative paths are relative to the table)."""
+    location = storage.resolve(table_url, endpoint_url)
+    table = _read_table(storage.read_bytes(location), Path(location.path).suffix.lower())
+    for role, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column not in table.column_names:
+            raise ValueError(f"{role}={column!r} is not a column of {table_url}; columns: {table.column_names}")
+    folder = location.url.rsplit("/", 1)[0]
+    records = []
+    for row_number, row in enumerate(table.to_pylist()):
+        image = str(row[image_column])
+        if not image.startswith("s3://") and not image.startswith("/"):
+            image = f"{folder}/{image}"
+        caption = row[caption_column]
+        meta = {k: v for k, v in row.items() if k not in (image_column, caption_column)}
+        records.append(SourceRecord(image, str(caption) if caption else None, f"{table_url}#{row_number}", meta))
+    return records
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle boot")
+FASHION_MNIST_TEMPLATES = ("a picture of a {}.", "an image of a {}.", "a photo of the {}.",
+                           "a black and white photo of a {}.", "a low resolution photo of a {}.",
+                           "a small photo of a {}.", "a {}.")
+FASHION_MNIST_HELDOUT_TEMPLATE = "a photo of a {}."
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read a gzipped IDX file (the MNIST family's format): big-endian dims then uint8 values."""
+    with gzip.open(path, "rb") as handle:
+        raw = handle.read()
+    magic, = struct.unpack(">I", raw[:4])
+    if magic >> 8 != 0x08:
+        raise ValueError(f"{path} is not a uint8 IDX file (magic {magic:#x})")
+    ndim = magic & 0xFF
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion_mnist_records(split: str, *, root: str = FASHION_MNIST_DIR,
+                          templates: Sequence[str] = FASHION_MNIST_TEMPLATES, seed: int = 0) -> list[SourceRecord]:
+    """Fashion-MNIST ``train`` or ``test`` images captioned by a template (picked per image from ``seed``)."""
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not templates or any("{}" not in template for template in templates):
+        raise ValueError(f"templates must be non-empty and each contain '{{}}', got {list(templates)}")
+    images = read_idx(f"{root}/{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(f"{root}/{prefix}-labels-idx1-ubyte.gz")
+    choice = np.random.default_rng(seed).integers(0, len(templates), size=len(labels))
+    return [
+        SourceRecord(images[i], templates[choice[i]].format(FASHION_MNIST_CLASSES[labels[i]]),
+                     f"fashion-mnist/{split}/{i}", {"label": int(labels[i])})
+        for i in range(len(labels))
+    ]
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    samples: int
+    failed: int = 0
+
+
+@dataclass
+class Manifest:
+    """The dataset's table of contents: shard names and sample counts (plus source-specific ``extra``)."""
+
+    shards: list[ShardEntry]
+    image_format: str = "jpg"
+    max_side: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total_samples(self) -> int:
+        return sum(shard.samples for shard in self.shards)
+
+    @property
+    def total_failed(self) -> int:
+        return sum(shard.failed for shard in self.shards)
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, unreadable or inconsistent; the message names the file and the field."""
+
+
+def write_manifest(location: storage.Location, manifest: Manifest) -> None:
+    body = {"format": MANIFEST_FORMAT, "version": 1, "total_samples": manifest.total_samples,
+            "total_failed": manifest.total_failed, **asdict(manifest)}
+    storage.write_bytes(location, json.dumps(body, indent=1).encode("utf-8"))
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """Validate a manifest's JSON; every problem is reported with the file and the offending field."""
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{where} is not valid JSON: {error}") from error
+    if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{where}: field 'format' must be {MANIFEST_FORMAT!r}")
+    shards = body.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise ManifestError(f"{where}: field 'shards' must be a non-empty list")
+    entries = []
+    for index, shard in enumerate(shards):
+        name = shard.get("name") if isinstance(shard, dict) else None
+        samples = shard.get("samples") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not name.endswith(".tar"):
+            raise ManifestError(f"{where}: shards[{index}].name must be a '.tar' file name, got {name!r}")
+        if not isinstance(samples, int) or samples < 0:
+            raise ManifestError(f"{where}: shards[{index}].samples must be a count >= 0, got {samples!r}")
+        entries.append(ShardEntry(name, samples, int(shard.get("failed", 0))))
+    if len({entry.name for entry in entries}) != len(entries):
+        raise ManifestError(f"{where}: field 'shards' lists a shard name twice")
+    manifest = Manifest(entries, body.get("image_format", "jpg"), body.get("max_side"), body.get("extra", {}))
+    if "total_samples" in body and body["total_samples"] != manifest.total_samples:
+        raise ManifestError(f"{where}: total_samples={body['total_samples']} but the shards sum to "
+                            f"{manifest.total_samples}")
+    return manifest
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """How images are written: the longest side is capped at ``max_side`` (aspect kept, never upscaled)."""
+
+    shard_size: int = 10_000
+    max_side: int = 256
+    image_format: str = "jpg"
+    quality: int = 95
+
+    def __post_init__(self) -> None:
+        if self.shard_size <= 0:
+            raise ValueError(f"shard_size must be positive, got {self.shard_size}")
+        if self.max_side <= 0:
+            raise ValueError(f"max_side must be positive, got {self.max_side}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {self.image_format!r}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+
+
+@dataclass
+class ShardResult:
+    """What one shard task produced; ``kept`` means an earlier complete run of it was reused."""
+
+    name: str
+    samples: int
+    failed: int
+    failures: list[dict] = field(default_factory=list)
+    kept: bool = False
+
+
+def load_image(record: SourceRecord, endpoint_url: str | None) -> Image.Image:
+    """Open a record's image (in-memory array, local file or s3:// object) as RGB; raises on bad data."""
+    if isinstance(record.image, np.ndarray):
+        return Image.fromarray(record.image).convert("RGB")
+    raw = storage.read_bytes(storage.resolve(record.image, endpoint_url))
+    image = Image.open(io.BytesIO(raw))
+    image.load()
+    if image.mode in ("RGBA", "LA", "P"):
+        # Transparent clip-art (Tux Paint stamps) reads as intended on white, not on black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_to_max_side(image: Image.Image, max_side: int) -> Image.Image:
+    width, height = image.size
+    scale = max_side / max(width, height)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def encode_image(image: Image.Image, options: ShardOptions) -> bytes:
+    buffer = io.BytesIO()
+    save_args = {"quality": options.quality} if options.image_format in ("jpg", "webp") else {}
+    image.save(buffer, format=IMAGE_FORMATS[options.image_format], **save_args)
+    return buffer.getvalue()
+
+
+def _add_member(archive: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0  # same inputs give byte-identical shards
+    archive.addfile(info, io.BytesIO(payload))
+
+
+def _record_row(record: SourceRecord, key: str, status: str, error: str | None, sizes: tuple) -> dict:
+    original, final = sizes
+    return {
+        "key": key,
+        "caption": record.caption,
+        "url": record.source,
+        "status": status,
+        "error_message": error,
+        "original_width": original[0] if original else None,
+        "original_height": original[1] if original else None,
+        "width": final[0] if final else None,
+        "height": final[1] if final else None,
+        **record.meta,
+    }
+
+
+def build_shard(shard_index: int, records: Sequence[SourceRecord], options: ShardOptions,
+                endpoint_url: str | None = None) -> tuple[bytes, bytes, list[dict]]:
+    """Encode one shard in memory: (tar bytes, parquet bytes, failures). Bad images become failures."""
+    tar_buffer = io.BytesIO()
+    rows, failures = [], []
+    key_digits = max(4, len(str(options.shard_size - 1)))
+    with tarfile.open(fileobj=tar_buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        for position, record in enumerate(records):
+            key = f"{shard_index:05d}{position:0{key_digits}d}"
+            try:
+                if not record.caption:
+                    raise ValueError("the source has no caption for this image")
+                image = load_image(record, endpoint_url)
+                original = image.size
+                image = resize_to_max_side(image, options.max_side)
+                payload = encode_image(image, options)
+            except Exception as error:  # any decoder/IO failure: record it, keep going
+                message = f"{type(error).__name__}: {error}"
+                failures.append({"key": key, "source": record.source, "error": message})
+                rows.append(_record_row(record, key, "failed_to_read", message, (None, None)))
+                continue
+            row = _record_row(record, key, "success", None, (original, image.size))
+            _add_member(archive, f"{key}.{options.image_format}", payload)
+            _add_member(archive, f"{key}.txt", record.caption.encode("utf-8"))
+            _add_member(archive, f"{key}.json", json.dumps(row, sort_keys=True).encode("utf-8"))
+            rows.append(row)
+    parquet_buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), parquet_buffer)
+    return tar_buffer.getvalue(), parquet_buffer.getvalue(), failures
+
+
+def shard_fingerprint(records: Sequence[SourceRecord], options: ShardOptions) -> str:
+    """Identifies a shard's inputs and options, so a resumed run reuses a shard only if it would be identical."""
+    digest = hashlib.sha256(json.dumps(asdict(options), sort_keys=True).encode())
+    for record in records:
+        digest.update(f"{record.source}\x00{record.caption}\x00".encode())
+    return digest.hexdigest()
+
+
+def write_shard(output_url: str, endpoint_url: str | None, shard_index: int,
+                records: Sequence[SourceRecord], options: ShardOptions) -> ShardResult:
+    """Write (or keep, if already complete with the same fingerprint) one shard and its sidecars."""
+    output = storage.resolve(output_url, endpoint_url)
+    name = f"{shard_index:05d}"
+    stats_location = output.child(f"{name}_stats.json")
+    fingerprint = shard_fingerprint(records, options)
+    if storage.exists(stats_location):
+        stats = json.loads(storage.read_bytes(stats_location))
+        if stats.get("fingerprint") == fingerprint and storage.exists(output.child(f"{name}.tar")):
+            return ShardResult(f"{name}.tar", stats["samples"], stats["failed"], stats["failures"], kept=True)
+    tar_bytes, parquet_bytes, failures = build_shard(shard_index, records, options, endpoint_url)
+    storage.write_bytes(output.child(f"{name}.tar"), tar_bytes)
+    storage.write_bytes(output.child(f"{name}.parquet"), parquet_bytes)
+    samples = len(records) - len(failures)
+    stats = {"samples": samples, "failed": len(failures), "failures": failures, "fingerprint": fingerprint}
+    storage.write_bytes(stats_location, json.dumps(stats).encode("utf-8"))
+    return ShardResult(f"{name}.tar", samples, len(failures), failures)
+
+
+def print_progress(done: int, total: int, samples: int, failed: int) -> None:
+    print(f"shards {done}/{total}  samples {samples}  failed {failed}", file=sys.stderr, flush=True)
+
+
+def prepare_shards(records: Sequence[SourceRecord], output_url: str, options: ShardOptions, *,
+                   endpoint_url: str | None = None, workers: int = 2, extra: dict | None = None,
+                   progress: Callable[[int, int, int, int], None] = print_progress) -> Manifest:
+    """Write all shards with at most ``workers`` Ray tasks in flight, then the manifest and the report.
+
+    Ray must already be initialised (the caller decides: local or a cluster address).
+    """
+    import ray
+
+    if not records:
+        raise ValueError(f"no input records to write to {output_url}")
+    if workers <= 0:
+        raise ValueError(f"workers must be positive, got {workers}")
+    output = storage.resolve(output_url, endpoint_url)
+    storage.ensure_folder(output, create=True)
+    remote_write = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+    groups = [records[start:start + options.shard_size] for start in range(0, len(records), options.shard_size)]
+    pending, results, next_group = {}, {}, 0
+    started = time.monotonic()
+    while next_group < len(groups) or pending:
+        while next_group < len(groups) and len(pending) < workers:
+            ref = remote_write.remote(output_url, endpoint_url, next_group, groups[next_group], options)
+            pending[ref] = next_group
+            next_group += 1
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(ready[0])] = ray.get(ready[0])
+        progress(len(results), len(groups), sum(r.samples for r in results.values()),
+                 sum(r.failed for r in results.values()))
+    ordered = [results[index] for index in range(len(groups))]
+    manifest = Manifest(
+        shards=[ShardEntry(r.name, r.samples, r.failed) for r in ordered],
+        image_format=options.image_format,
+        max_side=options.max_side,
+        extra=extra or {},
+    )
+    failures = [failure for r in ordered for failure in r.failures]
+    report = {"records": len(records), "written": manifest.total_samples, "failed": len(failures),
+              "kept_shards": sum(r.kept for r in ordered), "seconds": round(time.monotonic() - started, 2),
+              "failures": failures}
+    storage.write_bytes(output.child(REPORT_NAME), json.dumps(report, indent=1).encode("utf-8"))
+    write_manifest(output.child(MANIFEST_NAME), manifest)
+    return manifest
+
+
+def prepare_fashion_mnist(output_url: str, options: ShardOptions, *, templates: Sequence[str] = FASHION_MNIST_TEMPLATES,
+                          heldout_template: str = FASHION_MNIST_HELDOUT_TEMPLATE, root: str = FASHION_MNIST_DIR,
+                          limit: int | None = None, seed: int = 0, **prepare_args) -> tuple[Manifest, Manifest]:
+    """The demo data: 60k training images captioned with ``templates``, and the 10k test images under
+    ``<output>/heldout`` captioned with ``heldout_template`` (which training never sees) for zero-shot eval."""
+    if heldout_template in templates:
+        raise ValueError(f"heldout_template {heldout_template!r} must not be one of the training templates")
+    train = fashion_mnist_records("train", root=root, templates=templates, seed=seed)[:limit]
+    test = fashion_mnist_records("test", root=root, templates=[heldout_template], seed=seed)[:limit]
+    common = {"class_names": list(FASHION_MNIST_CLASSES), "source": "fashion-mnist"}
+    train_manifest = prepare_shards(train, output_url, options, extra={**common, "templates": list(templates),
+                                    "heldout_template": heldout_template}, **prepare_args)
+    heldout_manifest = prepare_shards(test, f"{output_url.rstrip('/')}/heldout", options,
+                                      extra={**common, "template": heldout_template}, **prepare_args)
+    return train_manifest, heldout_manifest
+
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson", ".parquet")
+
+
+def prepare_dataset(input_spec: str, output_url: str, options: ShardOptions, *, endpoint_url: str | None = None,
+                    workers: int = 2, image_column: str = "image", caption_column: str = "caption",
+                    limit: int | None = None) -> list[Manifest]:
+    """What ``jobs/prepare_data.py`` runs: pick the source from ``input_spec`` (``fashion-mnist``, a table
+    file, or a captioned folder), start a local Ray unless one is already up (or ``RAY_ADDRESS`` names one),
+    and write the shards. Returns one manifest per split written."""
+    import ray
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(logging_level="WARNING")
+    common = dict(endpoint_url=endpoint_url, workers=workers)
+    try:
+        if input_spec == "fashion-mnist":
+            return list(prepare_fashion_mnist(output_url, options, limit=limit, **common))
+        if input_spec.lower().endswith(TABLE_SUFFIXES):
+            records = table_records(input_spec, image_column=image_column, caption_column=caption_column,
+                                    endpoint_url=endpoint_url)
+        else:
+            records = captioned_folder_records(input_spec)
+        return [prepare_shards(records[:limit], output_url, options, **common)]
+    finally:
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,436 @@
+"""MLflow tracking for one pretraining job, called on rank 0 only.
+
+One MLflow run per job: the flattened config as params, the YAML as `config.yaml`, training metrics,
+zero-shot accuracy with plots, and the exported OpenAI-layout state dict registered as a model
+version. Tracking is an observer, never a dependency of training: if the store is unreachable or
+rejects a call, `RunTracker` logs one warning naming the URI and turns into a no-op for the rest of
+the job, so a multi-day run never dies because MLflow went down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import requests
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+logger = logging.getLogger(__name__)
+
+MAX_PARAM_VALUE_CHARS = 6000  # MLflow rejects longer param values
+MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
+_TRUNCATION_MARK = "...[truncated]"
+# MLflow's defaults (7 retries, 120 s timeout) make a dead server cost minutes per call. These
+# defaults still retry a blip but give up in seconds; an operator's own env settings win.
+_HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+_HEALTH_PROBE_TIMEOUT_S = 5.0
+_TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
+_RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_CONFUSION_TICK_LABEL_LIMIT = 40  # above this many classes tick labels are unreadable
+
+
+class TrackingSettings(Protocol):
+    """The `tracking` config section as this module reads it (the pydantic model fits)."""
+
+    uri: str
+    experiment: str
+    run_name: str | None
+    register_model_name: str | None
+    log_every_steps: int
+    system_metrics: bool
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested config into MLflow params: {"optim": {"lr": 3e-4}} -> {"optim.lr": "0.0003"}.
+
+    Dotted keys match the `--set optim.lr=...` override syntax, so a param copied from the UI is a
+    valid override. Lists stay whole (one param) because their order is their meaning.
+    """
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def param_batches(params: Mapping[str, str]) -> list[list[Param]]:
+    """Split params into log_batch-sized chunks, truncating values MLflow would reject.
+
+    The full value of a truncated param survives in the `config.yaml` artifact.
+    """
+    entries = [Param(key, _truncate(value)) for key, value in sorted(params.items())]
+    return [entries[i : i + MAX_PARAMS_PER_BATCH] for i in range(0, len(entries), MAX_PARAMS_PER_BATCH)]
+
+
+def _truncate(value: str) -> str:
+    if len(value) <= MAX_PARAM_VALUE_CHARS:
+        return value
+    return value[: MAX_PARAM_VALUE_CHARS - len(_TRUNCATION_MARK)] + _TRUNCATION_MARK
+
+
+def _probe_http(uri: str, timeout_s: float) -> None:
+    """Raise OSError fast if nothing answers at `uri`; any HTTP reply (even 404) counts as up.
+
+    A black-holed host would otherwise cost MLflow's full retry budget before the first warning.
+    """
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+
+
+class RunTracker:
+    """Rank-0 MLflow logger for one pretraining job; every method is a no-op once tracking fails.
+
+    The caller decides when to log (`should_log(step)` applies `log_every_steps`); `log_metrics`
+    logs what it is given.
+    """
+
+    def __init__(
+        self,
+        *,
+        uri: str = "sqlite:///mlflow.db",
+        experiment: str = "rayclip",
+        run_name: str | None = None,
+        register_model_name: str | None = None,
+        log_every_steps: int = 1,
+        system_metrics: bool = False,
+        system_metrics_interval_s: float = 10.0,
+    ) -> None:
+        self.uri = uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.register_model_name = register_model_name
+        self.log_every_steps = max(1, log_every_steps)
+        self.system_metrics = system_metrics
+        self.system_metrics_interval_s = system_metrics_interval_s
+        self.run_id: str | None = None
+        self.disabled = False
+        self.non_finite_skipped: dict[str, int] = {}
+        self.zero_shot_history: list[tuple[int, float, float]] = []
+        self._client: MlflowClient | None = None
+        self._monitor = None
+        if uri.startswith(("http://", "https://")):
+            for name, value in _HTTP_ENV_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+
+    @classmethod
+    def from_config(cls, tracking_cfg: TrackingSettings, **overrides: Any) -> RunTracker:
+        """Build from the `tracking` config section (any object with its attribute names)."""
+        fields = dict(
+            uri=tracking_cfg.uri,
+            experiment=tracking_cfg.experiment,
+            run_name=tracking_cfg.run_name,
+            register_model_name=tracking_cfg.register_model_name,
+            log_every_steps=tracking_cfg.log_every_steps,
+            system_metrics=tracking_cfg.system_metrics,
+        )
+        return cls(**{**fields, **overrides})
+
+    @property
+    def active(self) -> bool:
+        """True while a run is open and tracking has not been disabled."""
+        return self.run_id is not None and not self.disabled
+
+    def should_log(self, step: int) -> bool:
+        """Whether `step` falls on the configured metric logging interval."""
+        return step % self.log_every_steps == 0
+
+    @contextlib.contextmanager
+    def _guarded(self, action: str) -> Iterator[None]:
+        """Turn a tracking failure into one warning and a permanent no-op, never an exception."""
+        try:
+            yield
+        except _TRACKING_ERRORS as exc:
+            self._disable(action, exc)
+
+    def _disable(self, action: str, exc: BaseException) -> None:
+        if self.disabled:
+            return
+        self.disabled = True
+        logger.warning(
+            "MLflow tracking at %s failed while trying to %s (%s: %s); training continues "
+            "without tracking for the rest of this job.",
+            self.uri, action, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+        )
+        self._stop_system_metrics(flush=False)
+
+    def start(
+        self,
+        config_dict: Mapping[str, Any],
+        config_yaml: str,
+        run_name: str | None = None,
+        resume_run_id: str | None = None,
+        *,
+        world_size: int | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str | None:
+        """Open (or, with `resume_run_id`, reopen) the job's run and log config, YAML and tags.
+
+        Returns the run id to persist with checkpoints so a restarted job continues the same run,
+        or None if tracking is unavailable.
+        """
+        if self.disabled:
+            return None
+        with self._guarded(f"start a run in experiment {self.experiment!r}"):
+            if self.uri.startswith(("http://", "https://")):
+                _probe_http(self.uri, _HEALTH_PROBE_TIMEOUT_S)
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            run_tags = _run_tags(config_dict, world_size, tags)
+            resumed = resume_run_id is not None and self._reopen(resume_run_id)
+            if not resumed:
+                self._create_run(run_name or self.run_name, run_tags)
+            self._log_config(config_dict, config_yaml, run_tags, resumed)
+            if self.system_metrics:
+                self._start_system_metrics(resume=resumed)
+            return self.run_id
+        return None
+
+    def _create_run(self, run_name: str | None, tags: Mapping[str, str]) -> None:
+        experiment_id = self._experiment_id()
+        run = self._client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        self.run_id = run.info.run_id
+
+    def _experiment_id(self) -> str:
+        existing = self._client.get_experiment_by_name(self.experiment)
+        if existing is not None:
+            return existing.experiment_id
+        try:
+            return self._client.create_experiment(self.experiment)
+        except MlflowException as exc:  # another job created it between the two calls
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self._client.get_experiment_by_name(self.experiment).experiment_id
+
+    def _reopen(self, run_id: str) -> bool:
+        """Mark an earlier run RUNNING again; False (and a new run) if this store never had it."""
+        try:
+            self._client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            logger.warning("MLflow run %s not found at %s; starting a new run.", run_id, self.uri)
+            return False
+        self._client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        self.zero_shot_history = self._load_zero_shot_history()
+        return True
+
+    def _log_config(
+        self, config_dict: Mapping[str, Any], config_yaml: str, tags: Mapping[str, str], resumed: bool
+    ) -> None:
+        """Log params (on resume only the new keys: MLflow params are immutable), YAML and tags."""
+        params = flatten_config(config_dict)
+        if resumed:
+            params = self._new_params(params)
+            self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        for batch in param_batches(params):
+            self._client.log_batch(self.run_id, params=batch)
+        self._client.log_text(self.run_id, config_yaml, "config.yaml")
+
+    def _new_params(self, params: dict[str, str]) -> dict[str, str]:
+        logged = self._client.get_run(self.run_id).data.params
+        changed = sorted(k for k in params.keys() & logged.keys() if _truncate(params[k]) != logged[k])
+        if changed:
+            logger.warning(
+                "Resumed MLflow run %s keeps its original values for changed params %s; "
+                "config.yaml holds the new config.", self.run_id, ", ".join(changed),
+            )
+        return {k: v for k, v in params.items() if k not in logged}
+
+    def _load_zero_shot_history(self) -> list[tuple[int, float, float]]:
+        top1 = {m.step: m.value for m in self._client.get_metric_history(self.run_id, "zero_shot_top1")}
+        top5 = {m.step: m.value for m in self._client.get_metric_history(self.run_id, "zero_shot_top5")}
+        return [(step, top1[step], top5.get(step, math.nan)) for step in sorted(top1)]
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        """Start MLflow's CPU/GPU/disk/network sampler thread for this run."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=self.system_metrics_interval_s,
+            resume_logging=resume,
+            tracking_uri=self.uri,
+        )
+        self._monitor.start()
+
+    def _stop_system_metrics(self, flush: bool = True) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        if flush:
+            monitor.finish()
+        else:  # the store is gone: stop the sampler without finish()'s flush to a dead server
+            monitor._shutdown_event.set()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log one step's scalars; non-finite values are skipped and counted, never sent.
+
+        A NaN loss is something to see, not to crash on: the count of skipped values goes out
+        as `tracking/non_finite_skipped` so the step where it happened is visible in the UI.
+        """
+        if not self.active:
+            return
+        finite = self._finite_only(metrics, step)
+        timestamp_ms = int(time.time() * 1000)
+        entries = [Metric(k, v, timestamp_ms, step) for k, v in finite.items()]
+        if len(finite) < len(metrics):
+            total = float(sum(self.non_finite_skipped.values()))
+            entries.append(Metric("tracking/non_finite_skipped", total, timestamp_ms, step))
+        with self._guarded(f"log metrics at step {step}"):
+            self._client.log_batch(self.run_id, metrics=entries)
+
+    def _finite_only(self, metrics: Mapping[str, float], step: int) -> dict[str, float]:
+        finite = {}
+        for key, value in metrics.items():
+            value = float(value)
+            if math.isfinite(value):
+                finite[key] = value
+                continue
+            count = self.non_finite_skipped.get(key, 0) + 1
+            self.non_finite_skipped[key] = count
+            logger.warning(
+                "Skipping non-finite metric %s=%s at step %d (%d skipped for this key so far).",
+                key, value, step, count,
+            )
+        return finite
+
+    def log_zero_shot(
+        self, step: int, top1: float, top5: float, confusion: np.ndarray, class_names: list[str]
+    ) -> None:
+        """Log zero-shot accuracy and refresh its plots: this step's confusion matrix and the curve.
+
+        Each evaluation keeps its own confusion PNG (`zero_shot/confusion_step_XXXXXXXX.png`);
+        `zero_shot/accuracy.png` is redrawn from the whole history, including steps logged before a
+        restart.
+        """
+        confusion = np.asarray(confusion)
+        n = len(class_names)
+        if confusion.shape != (n, n):
+            raise ValueError(
+                f"confusion has shape {confusion.shape}, expected ({n}, {n}) for {n} class names"
+            )
+        self.zero_shot_history.append((step, float(top1), float(top5)))
+        self.log_metrics({"zero_shot_top1": top1, "zero_shot_top5": top5}, step)
+        if not self.active:
+            return
+        with self._guarded(f"log zero-shot plots at step {step}"), tempfile.TemporaryDirectory() as tmp:
+            confusion_png = Path(tmp) / f"confusion_step_{step:08d}.png"
+            accuracy_png = Path(tmp) / "accuracy.png"
+            render_confusion_matrix(confusion, class_names, step).savefig(confusion_png, dpi=100)
+            render_accuracy_curve(self.zero_shot_history).savefig(accuracy_png, dpi=100)
+            self._client.log_artifact(self.run_id, str(confusion_png), "zero_shot")
+            self._client.log_artifact(self.run_id, str(accuracy_png), "zero_shot")
+
+    def finish(self, exported_model_path: str | None, status: str = "FINISHED") -> None:
+        """Log the exported state dict under `model/`, register it, and close the run."""
+        if status not in _RUN_STATUSES:
+            raise ValueError(f"status must be one of {_RUN_STATUSES}, got {status!r}")
+        if not self.active:
+            self._stop_system_metrics(flush=False)
+            return
+        self._stop_system_metrics()
+        with self._guarded("log and register the exported model"):
+            if exported_model_path is not None:
+                self._client.log_artifact(self.run_id, exported_model_path, "model")
+                if self.register_model_name:
+                    self._register_model(Path(exported_model_path).name)
+        with self._guarded(f"end the run with status {status}"):
+            self._client.set_terminated(self.run_id, status=status)
+        self.run_id = None
+
+    def _register_model(self, file_name: str) -> None:
+        """Register `runs:/<run>/model` as a new version of `register_model_name`.
+
+        `mlflow.register_model` in MLflow 3 expects an MLflow-format logged model and rejects a plain
+        state-dict file, so the registered model and its version are created directly.
+        """
+        try:
+            self._client.create_registered_model(self.register_model_name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self._client.create_model_version(
+            self.register_model_name,
+            source=f"runs:/{self.run_id}/model",
+            run_id=self.run_id,
+            tags={"state_dict_file": file_name, "layout": "openai"},
+        )
+        logger.info(
+            "Registered %s version %s from run %s.",
+            self.register_model_name, version.version, self.run_id,
+        )
+
+
+def _run_tags(
+    config_dict: Mapping[str, Any], world_size: int | None, extra: Mapping[str, str] | None
+) -> dict[str, str]:
+    """Tags worth filtering runs by: the model architecture and the number of training workers."""
+    tags: dict[str, str] = {}
+    model = config_dict.get("model")
+    if isinstance(model, Mapping) and model.get("name") is not None:
+        tags["model"] = str(model["name"])
+    if world_size is not None:
+        tags["world_size"] = str(world_size)
+    tags.update({k: str(v) for k, v in (extra or {}).items()})
+    return tags
+
+
+def render_confusion_matrix(confusion: np.ndarray, class_names: list[str], step: int) -> Figure:
+    """Draw the confusion matrix row-normalised (each true class sums to 1), so rare classes show."""
+    rows = confusion.sum(axis=1, keepdims=True)
+    normalised = np.divide(confusion, rows, out=np.zeros(confusion.shape, dtype=float), where=rows > 0)
+    size = min(4 + 0.35 * len(class_names), 20)
+    fig = Figure(figsize=(size, size))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(normalised, vmin=0.0, vmax=1.0, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if len(class_names) <= _CONFUSION_TICK_LABEL_LIMIT:
+        ticks = np.arange(len(class_names))
+        ax.set_xticks(ticks, labels=class_names, rotation=90)
+        ax.set_yticks(ticks, labels=class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"zero-shot confusion, step {step}")
+    fig.tight_layout()
+    return fig
+
+
+def render_accuracy_curve(history: list[tuple[int, float, float]]) -> Figure:
+    """Draw zero-shot top-1/top-5 accuracy against training step."""
+    steps, top1, top5 = zip(*sorted(history)) if history else ((), (), ())
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(steps, top1, marker="o", label="top-1")
+    ax.plot(steps, top5, marker="s", label="top-5")
+    ax.set_xlabel("step")
+    ax.set_ylabel("zero-shot accuracy")
+    ax.set_ylim(bottom=0.0)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU checks, run through the device tool (torch + DeepSpeed, no Ray): installs the carried wheels in
+# .whl/ (DeepSpeed and the few packages the GPU image lacks), then benchmarks/gpu_step.py variants.
+# Results go to $OUT/gpu_step.jsonl when $OUT is set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 DS_BUILD_OPS=0
+results="${OUT:-/tmp}/gpu_step.jsonl"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 benchmarks/gpu_step.py --models ViT-L/14 --precision autocast --steps 6 --json "$results"
+python3 benchmarks/gpu_step.py --models ViT-L/14 --precision autocast --batch 256 --compile --steps 6 --json "$results"
+python3 benchmarks/gpu_step.py --models RN50x64 --precision autocast --steps 6 --json "$results"
+python3 benchmarks/gpu_step.py --models ViT-L/14 --plain --batch 256 --compile --steps 6 --json "$results"

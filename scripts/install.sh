@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs everything rayclip needs on a fresh Debian machine, as root: the real data sets (Debian
+# packages) and the Python stack pinned in constraints.txt, with the project itself in editable mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! dpkg -s dataset-fashion-mnist tuxpaint-stamps-default mate-backgrounds >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist tuxpaint-stamps-default mate-backgrounds >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,bench]"

@@ -1,0 +1,107 @@
+"""Shared fixtures for integration tests: one fake-credential AWS environment, one real S3 HTTP endpoint
+(moto's server in a subprocess on 127.0.0.1) and one local Ray session for the whole test session.
+
+Ray worker processes inherit the environment of the driver at ``ray.init`` time, so ``ray_session``
+depends on ``aws_credentials``: every worker then sees the same fake keys the tests use with boto3.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto server exited early with code {process.returncode}")
+        try:
+            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.2)
+    raise RuntimeError(f"moto server at {url} did not answer within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def aws_credentials() -> Iterator[dict[str, str]]:
+    """Fake AWS credentials in the environment (the standard chain reads them), restored afterwards."""
+    saved = {key: os.environ.get(key) for key in FAKE_AWS_ENV}
+    os.environ.update(FAKE_AWS_ENV)
+    yield dict(FAKE_AWS_ENV)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(aws_credentials: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a real S3 HTTP endpoint (moto) on 127.0.0.1; the server is stopped by its PID at the end."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_until_serving(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_session(aws_credentials: dict[str, str]) -> Iterator[None]:
+    """One local Ray for the whole session (startup costs seconds); workers import this checkout."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        object_store_memory=1 << 30,
+        runtime_env={"env_vars": {"PYTHONPATH": python_path, **aws_credentials}},
+        logging_level="WARNING",
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -95,6 +95,7 @@ def ray_session(aws_credentials: dict[str, str]) -> Iterator[None]:
 
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     ray.init(
+        address="local",  # always a fresh local Ray, even where `ray start` left a cluster on this machine
         num_cpus=4,
         include_dashboard=False,
         object_store_memory=1 << 30,
@@ -105,3 +106,39 @@ def ray_session(aws_credentials: dict[str, str]) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_shards(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small real Fashion-MNIST shard set (3,000 train images in 6 shards + 3,000 held-out test images)."""
+    from orchestrator.shards import ShardOptions, prepare_fashion_mnist
+
+    output = str(tmp_path_factory.mktemp("fashion-mnist") / "shards")
+    prepare_fashion_mnist(output, ShardOptions(shard_size=500, max_side=28, image_format="png"), limit=3000, workers=2)
+    return output
+
+
+@pytest.fixture
+def tiny_run_config(fashion_mnist_shards: str, tmp_path):
+    """Factory of a validated small training config (ViT-tiny, 2 CPU workers) with ``--set`` overrides."""
+    from orchestrator.config import load_config, resolve_local_paths
+    from orchestrator.trainer import name_run
+
+    def make(*overrides: str):
+        base = [
+            f"data.shards={fashion_mnist_shards}",
+            "data.decode_concurrency=1",
+            "data.shuffle_buffer=256",
+            "deepspeed.micro_batch_size=64",
+            "schedule.warmup_steps=2",
+            "schedule.total_steps=8",
+            "optim.lr=2e-3",
+            "checkpoint.every_steps=4",
+            f"checkpoint.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.log_every_steps=1",
+            "eval.max_images=500",
+        ]
+        return name_run(resolve_local_paths(load_config(None, base + list(overrides)), tmp_path))
+
+    return make

@@ -1,0 +1,51 @@
+"""All-gather that keeps gradients, for the contrastive loss's local-rows x global-columns logits.
+
+``torch.distributed.all_gather`` returns tensors detached from autograd, so without this every rank's
+loss would only train its own features. Each rank's features appear as columns in every other rank's
+logits, so the gradient reaching rank r's features is the sum over all ranks of the gradient with respect
+to rank r's slice of the gathered tensor. The usual backward is a reduce-scatter; gloo (the CPU backend)
+has none, so the backward here all-reduces the full gradient and keeps the local slice, which is the same
+sum at the price of moving the whole tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world_size = dist.get_world_size()
+        ctx.rank = dist.get_rank()
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)  # (world_size * N_local, ...)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate every rank's ``(N_local, ...)`` tensor along dim 0, differentiably.
+
+    Returns ``(global_tensor, offset)`` where ``offset`` is the row of this rank's first element in the
+    global tensor. Every rank must pass the same ``N_local``. Without an initialised process group (or
+    with one rank) the tensor is returned as is.
+    """
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor, 0
+    return _AllGatherWithGrad.apply(tensor), dist.get_rank() * tensor.shape[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (no-op without a process group); returns it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

@@ -1,0 +1,102 @@
+"""One contrastive optimisation step's forward/backward, with gradient accumulation that keeps every negative.
+
+The naive accumulation loop (loss per micro-batch, backward, repeat) shrinks each softmax to the
+micro-batch's columns and so changes the objective. Here an accumulated step is exact:
+
+1. forward every chunk without gradient and keep its features (cheap: no activations stored);
+2. compute the loss of the whole accumulated batch (gathered across ranks) on those cached features,
+   and its gradient with respect to the features and the logit scale only;
+3. per chunk, recompute the features with gradient and back-propagate the cached feature gradient
+   through them (``sum(features * cached_grad)`` has exactly that gradient).
+
+This is the loss "against the cached features of the others" with each chunk's slice live in turn,
+evaluated once instead of once per chunk; the summed parameter gradient equals the large-batch one.
+Nothing here knows about DeepSpeed: ``backward`` is passed in (``engine.backward`` in training, plain
+autograd in the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.loss import ClipLoss, Gather
+
+Backward = Callable[[torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: torch.Tensor
+    """This rank's loss (detached)."""
+    finite: bool
+    """False when some rank's loss was NaN/inf; then nothing was back-propagated anywhere."""
+
+
+def _features(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
+    """Model forward with features and scale in float32, so the loss never runs in bf16."""
+    image_features, text_features, logit_scale = model(images, tokens)
+    return image_features.float(), text_features.float(), logit_scale.float()
+
+
+def _all_finite(loss: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """True when the loss is finite on every rank, so all ranks skip or step together."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+    return float(all_reduce(bad)) == 0.0
+
+
+def single_chunk_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    gather: Gather,
+    backward: Backward,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor],
+) -> StepResult:
+    """Forward, gathered loss, backward: the plain step when the local batch fits in one chunk."""
+    image_features, text_features, logit_scale = _features(model, images, tokens)
+    loss = ClipLoss(gather)(image_features, text_features, logit_scale)
+    if not _all_finite(loss, all_reduce):
+        return StepResult(loss.detach(), False)
+    backward(loss)
+    return StepResult(loss.detach(), True)
+
+
+def accumulated_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    chunks: int,
+    gather: Gather,
+    backward: Backward,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor],
+) -> StepResult:
+    """The exact large-batch gradient from ``chunks`` forward/backward passes (see module docstring).
+
+    ``backward`` is called once per chunk; the caller steps the optimizer after the last one.
+    """
+    image_chunks, token_chunks = images.chunk(chunks), tokens.chunk(chunks)
+    with torch.no_grad():
+        cached = [_features(model, i, t) for i, t in zip(image_chunks, token_chunks)]
+    image_features = torch.cat([c[0] for c in cached]).requires_grad_()  # (N_local, E)
+    text_features = torch.cat([c[1] for c in cached]).requires_grad_()  # (N_local, E)
+    logit_scale = cached[0][2].detach().requires_grad_()
+    loss = ClipLoss(gather)(image_features, text_features, logit_scale)
+    if not _all_finite(loss, all_reduce):
+        return StepResult(loss.detach(), False)
+    image_grad, text_grad, scale_grad = torch.autograd.grad(loss, [image_features, text_features, logit_scale])
+    sizes = [len(i) for i in image_chunks]
+    for index, (chunk_images, chunk_tokens, g_image, g_text) in enumerate(
+        zip(image_chunks, token_chunks, image_grad.split(sizes), text_grad.split(sizes))
+    ):
+        live_image, live_text, live_scale = _features(model, chunk_images, chunk_tokens)
+        surrogate = (live_image * g_image).sum() + (live_text * g_text).sum()
+        if index == 0:  # the logit scale is shared by all chunks: its gradient enters once
+            surrogate = surrogate + (live_scale * scale_grad).sum()
+        backward(surrogate)
+    return StepResult(loss.detach(), True)

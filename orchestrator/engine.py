@@ -1,0 +1,133 @@
+"""The model and its DeepSpeed engine, built from the run config on every worker.
+
+DeepSpeed is configured entirely from our typed config (no separate JSON to drift out of sync):
+ZeRO stage, bf16 on GPU or fp32 on CPU, gradient clipping, AdamW with the paper's no-decay set, and
+our warmup schedule. The optimizer is PyTorch's own AdamW (``torch_adam``): DeepSpeed's fused Adam is a
+JIT-compiled extension, which a CPU machine cannot build and a GPU image may lack the compiler for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.clip import CLIP
+from orchestrator.config import RunConfig
+from orchestrator.schedule import build_lr_scheduler
+
+# Parameters exempt from weight decay by name (besides every gain and bias, i.e. ndim < 2).
+NO_DECAY_NAMES = frozenset({"token_embedding", "positional_embedding", "class_embedding", "logit_scale"})
+
+
+def build_model(cfg: RunConfig) -> CLIP:
+    """A freshly initialised CLIP with the run's temperature settings (same weights on every rank)."""
+    spec = dataclasses.replace(
+        cfg.model.spec(),
+        init_logit_scale=math.log(1.0 / cfg.loss.init_temperature),
+        max_logit_scale=cfg.loss.max_logit_scale,
+    )
+    torch.manual_seed(cfg.seed)
+    model = CLIP(spec)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(vision=True, text=True)
+    model.logit_scale.requires_grad_(cfg.loss.learn_temperature)
+    return model
+
+
+def exempt_from_weight_decay(name: str, parameter: nn.Parameter) -> bool:
+    """Gains, biases, embeddings and the logit scale are not decayed (the paper, following AdamW practice)."""
+    return parameter.ndim < 2 or any(part in NO_DECAY_NAMES for part in name.split("."))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed weight matrices, and everything exempt (see above)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if exempt_from_weight_decay(name, parameter) else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict equivalent to the run config's optim/deepspeed sections."""
+    ds = cfg.deepspeed
+    betas, eps = cfg.adam_betas_eps()
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
+        "gradient_accumulation_steps": ds.grad_accum_steps,
+        "train_batch_size": ds.micro_batch_size * ds.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.optim.grad_clip_norm or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(betas),
+                "eps": eps,
+                "weight_decay": cfg.optim.weight_decay,
+                "torch_adam": True,
+                "fused": True,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(cfg: RunConfig, model: CLIP, world_size: int):
+    """``deepspeed.initialize`` with our optimizer groups and schedule; returns the engine."""
+    import deepspeed
+
+    def scheduler(optimizer):
+        return build_lr_scheduler(
+            optimizer,
+            kind=cfg.schedule.kind,
+            warmup_steps=cfg.schedule.warmup_steps,
+            total_steps=cfg.schedule.total_steps,
+            min_lr_ratio=cfg.schedule.min_lr_ratio,
+        )
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=parameter_groups(model, cfg.optim.weight_decay),
+        config=deepspeed_config(cfg, world_size),
+        lr_scheduler=scheduler,
+    )
+    return engine
+
+
+def clamp_logit_scale(engine, max_logit_scale: float) -> None:
+    """Clamp the stored log-temperature to [0, log(max)] in the optimizer's master copy too.
+
+    Under ZeRO the fp32 master weights live in the optimizer's flat partitions, so clamping
+    ``module.logit_scale`` alone would be overwritten by the next step. ZeRO 1/2: DeepSpeed's
+    ``safe_*_full_fp32_param`` reassemble and scatter the master value (collective). ZeRO-3: the
+    1-element parameter is partitioned (DeepSpeed's full setter fails on its padded partition), so each
+    rank clamps its own master and parameter partitions in place. Without ZeRO the optimizer updates
+    the parameter itself. Every rank calls this.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param
+
+    parameter = engine.module.logit_scale
+    if not parameter.requires_grad:
+        return
+    upper = math.log(max_logit_scale)
+    with torch.no_grad():
+        if hasattr(parameter, "ds_tensor"):  # ZeRO-3
+            safe_get_local_fp32_param(parameter).clamp_(0.0, upper)  # a view into the master partition
+            parameter.ds_tensor.clamp_(0.0, upper)
+            return
+        master = safe_get_full_fp32_param(parameter)
+        if master is None:
+            parameter.clamp_(0.0, upper)
+        elif not torch.equal(master.clamp(0.0, upper), master):
+            safe_set_full_fp32_param(parameter, master.clamp(0.0, upper))

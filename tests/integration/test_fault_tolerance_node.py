@@ -1,0 +1,97 @@
+"""A killed worker node is survived: Ray Train restarts the workers and the run finishes from its checkpoint.
+
+The scenario runs in a subprocess with its own ``ray.cluster_utils.Cluster`` (a head for the data stream
+and the controller, two 1-CPU nodes that alone offer the ``trainer`` resource the training workers
+need), so it does not disturb the session's shared Ray. Once the step-4 checkpoint is in storage, one
+training node is removed and a fresh one added; the run must still end at step 8, and the steps after
+the restarted workers must have resumed from the step-4 checkpoint (steps 1-4 logged once only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _scenario(config_json: str, out_path: str) -> None:
+    import ray
+    from mlflow import MlflowClient
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.config import RunConfig
+    from orchestrator.trainer import build_trainer
+
+    cfg = RunConfig.from_dict(json.loads(config_json))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    nodes = [cluster.add_node(num_cpus=1, resources={"trainer": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    snapshot = Path(cfg.checkpoint.storage_path) / cfg.name / "checkpoint_manager_snapshot.json"
+
+    def checkpoint_registered() -> bool:
+        try:
+            return "checkpoint_step_00000004" in snapshot.read_text()
+        except (FileNotFoundError, ValueError):
+            return False
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            result = build_trainer(cfg).fit()
+            outcome.update(step=result.metrics["step"], run_id=result.metrics["mlflow_run_id"])
+        except Exception as error:  # reported to the test, which fails with it
+            outcome["error"] = repr(error)
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not checkpoint_registered() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    outcome["killed"] = checkpoint_registered() and thread.is_alive()
+    if outcome["killed"]:
+        cluster.remove_node(nodes[1])
+        cluster.add_node(num_cpus=1, resources={"trainer": 1})
+    thread.join(timeout=400)
+    if "run_id" in outcome:
+        history = MlflowClient(tracking_uri=cfg.tracking.uri).get_metric_history(outcome["run_id"], "train/loss")
+        outcome["logged_steps"] = sorted(m.step for m in history)
+    Path(out_path).write_text(json.dumps(outcome))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_killed_worker_node_is_survived(tiny_run_config, tmp_path):
+    cfg = tiny_run_config("scaling.extra_resources={trainer: 1}", "checkpoint.max_failures=2", "eval.enabled=false")
+    out_path = tmp_path / "outcome.json"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    run = subprocess.run(
+        [sys.executable, __file__, cfg.model_dump_json(), str(out_path)],
+        env=env, cwd=REPO_ROOT, timeout=600, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    outcome = json.loads(out_path.read_text())
+    assert outcome["killed"], outcome
+    assert "error" not in outcome, outcome["error"]
+    assert outcome["step"] == 8
+    logged = outcome["logged_steps"]
+    assert set(logged) == set(range(1, 9))
+    assert all(logged.count(step) == 1 for step in range(1, 5)), logged  # before the checkpoint: once
+    assert "resumed from" in run.stdout + run.stderr and "at step 4" in run.stdout + run.stderr
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))
+    _scenario(sys.argv[1], sys.argv[2])

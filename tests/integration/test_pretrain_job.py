@@ -1,0 +1,109 @@
+"""``jobs/pretrain.py`` as the product runs it: ``ray job submit --working-dir .`` against ``ray start --head``.
+
+A real head node on 127.0.0.1 (token auth, as Ray 2.60 enables it), the repository shipped as the job's
+working directory, the job's driver joining the cluster through RAY_ADDRESS, and the job's own output
+ending with where the model and MLflow run are and the zero-shot accuracy. A bad config must fail before
+any Ray time, naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}")
+        try:
+            urllib.request.urlopen(url + "/api/version", timeout=2).close()
+            return
+        except urllib.error.HTTPError:  # token auth answers 401 without a token: the server is up
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"Ray dashboard at {url} did not answer within {timeout_s} s")
+
+
+def test_bad_config_fails_before_ray_naming_the_field():
+    run = subprocess.run(
+        [sys.executable, "jobs/pretrain.py", "--set", "deepspeed.zero_stage=5"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 2
+    assert "deepspeed.zero_stage = 5" in run.stderr and "0, 1, 2 or 3" in run.stderr
+    assert "ray" not in run.stdout.lower()
+
+
+def test_ray_job_submit_runs_pretraining(fashion_mnist_shards, tmp_path):
+    dashboard_port, gcs_port = _free_port(), _free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+         "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={_free_port()}",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    try:
+        _wait_for_dashboard(address, head)
+        overrides = [
+            f"data.shards={fashion_mnist_shards}", "data.decode_concurrency=1", "data.shuffle_buffer=256",
+            "deepspeed.micro_batch_size=64", "schedule.warmup_steps=2", "schedule.total_steps=6",
+            "checkpoint.every_steps=3", f"checkpoint.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "eval.max_images=500",
+        ]
+        command = [
+            "ray", "job", "submit", f"--address={address}", "--working-dir=.",
+            f"--runtime-env-json={json.dumps({'env_vars': {'TORCH_EXTENSIONS_DIR': extensions}})}",
+            "--", "python", "jobs/pretrain.py", *[arg for o in overrides for arg in ("--set", o)],
+        ]
+        for _ in range(30):  # the dashboard answers before the head's job agent has registered
+            run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in run.stderr + run.stdout:
+                break
+            time.sleep(2)
+        output = run.stdout + run.stderr
+        assert run.returncode == 0, output[-4000:]
+        assert "succeeded" in output
+        assert "(6/6 steps)" in output and "openai_model.pt" in output and "MLflow UI:" in output
+        top1 = [line for line in output.splitlines() if line.startswith("zero-shot top-1: ")]
+        assert top1 and 0.0 <= float(top1[-1].split(": ")[1]) <= 1.0
+    finally:
+        head.terminate()  # `ray start --block` stops the node's processes when it exits
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        _forget_cluster(gcs_port)
+
+
+def _forget_cluster(gcs_port: int) -> None:
+    """`ray start` records its address for later `ray.init()` calls; drop the record of our stopped head."""
+    record = Path("/tmp/ray/ray_current_cluster")
+    if record.exists() and record.read_text().strip().endswith(f":{gcs_port}"):
+        record.unlink()

@@ -1,0 +1,138 @@
+"""The run config: YAML recipes load, overrides apply, and every mistake is named before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from orchestrator.config import ConfigError, RunConfig, apply_overrides, load_config, resolve_local_paths
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _error(overrides: list[str], path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+def test_default_config_is_the_laptop_run():
+    cfg = load_config()
+    assert cfg.model.name == "ViT-tiny"
+    assert cfg.scaling.num_workers == 2 and not cfg.scaling.use_gpu
+    assert cfg.precision == "fp32"
+    # data follows the model and the batch plan unless set explicitly
+    assert cfg.data.image_size == 32 and cfg.data.batch_size == cfg.deepspeed.micro_batch_size
+    assert cfg.adam_betas_eps() == ((0.9, 0.98), 1e-6)  # ViT: the paper's beta2/eps
+
+
+@pytest.mark.parametrize(
+    "name, model, tower_betas_eps",
+    [("vit_l14.yaml", "ViT-L/14", ((0.9, 0.98), 1e-6)), ("rn50x64.yaml", "RN50x64", ((0.9, 0.999), 1e-8))],
+)
+def test_paper_recipes_keep_the_paper_hyperparameters(name, model, tower_betas_eps):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.model.name == model
+    assert cfg.global_batch_size == 32768
+    assert cfg.adam_betas_eps() == tower_betas_eps
+    assert cfg.optim.weight_decay == 0.2
+    assert cfg.schedule.warmup_steps == 2000 and cfg.schedule.kind == "cosine"
+    assert cfg.loss.init_temperature == 0.07 and cfg.loss.max_logit_scale == 100
+    assert cfg.precision == "bf16" and cfg.scaling.use_gpu and cfg.model.grad_checkpointing
+    assert cfg.deepspeed.zero_stage in (1, 2, 3)
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    cfg = load_config(overrides=["optim.lr=3e-4", "deepspeed.zero_stage=3", "eval.templates=['a {}.']"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.eval.templates == ["a {}."]
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+
+
+def test_unknown_key_names_the_field_and_the_allowed_keys():
+    message = _error(["optim.lrr=1"])
+    assert "optim.lrr" in message and "unknown key" in message
+    assert "lr, weight_decay" in message
+
+
+def test_unknown_section_is_an_error():
+    message = _error(["optimiser.lr=1"])
+    assert "optimiser" in message and "optim" in message
+
+
+@pytest.mark.parametrize(
+    "override, field, allowed",
+    [
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage = 4", "0, 1, 2 or 3"),
+        ("model.name=ViT-XL", "model.name = 'ViT-XL'", "ViT-L/14"),
+        ("schedule.kind=step", "schedule.kind = 'step'", "'cosine', 'linear' or 'constant_with_warmup'"),
+        ("optim.lr=-1", "optim.lr = -1", "greater than 0"),
+        ("eval.templates=['no slot']", "eval.templates", "'{}'"),
+    ],
+)
+def test_bad_values_name_field_value_and_allowed(override, field, allowed):
+    message = _error([override])
+    assert field in message and allowed in message
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["deepspeed.precision=bf16"], "deepspeed.precision='bf16' needs scaling.use_gpu=true"),
+        (["data.image_size=64"], "data.image_size=64 must equal"),
+        (["data.batch_size=7"], "deepspeed.micro_batch_size x deepspeed.grad_accum_steps"),
+        (["schedule.warmup_steps=5000", "schedule.total_steps=100"], "schedule.warmup_steps=5000 exceeds"),
+        (["schedule.stop_after_steps=900", "schedule.total_steps=100", "schedule.warmup_steps=0"], "stop_after_steps=900"),
+        (["model.image_size=30"], "multiple of ViT-tiny's patch size 4"),
+        (["checkpoint.s3_endpoint_url=http://127.0.0.1:9"], "is not an s3:// URL"),
+    ],
+)
+def test_cross_section_problems_are_named(overrides, fragment):
+    assert fragment in _error(overrides)
+
+
+def test_explicit_matching_data_fields_are_accepted():
+    cfg = load_config(overrides=["data.image_size=32", "model.image_size=32"])
+    assert cfg.data.image_size == 32
+
+
+def test_missing_and_malformed_files(tmp_path):
+    assert "does not exist" in _error([], tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    assert "mapping of sections" in _error([], bad)
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        load_config(overrides=["optim.lr"])
+
+
+def test_config_round_trips_through_a_plain_dict():
+    cfg = load_config(overrides=["deepspeed.grad_accum_steps=2"])
+    rebuilt = RunConfig.from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert rebuilt == RunConfig.from_dict(cfg.model_dump())
+    assert rebuilt.data.batch_size == 2 * cfg.deepspeed.micro_batch_size
+
+
+def test_relative_paths_resolve_against_the_launch_directory(tmp_path):
+    cfg = resolve_local_paths(load_config(), tmp_path)
+    assert cfg.checkpoint.storage_path == str(tmp_path / "outputs" / "ray")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert cfg.data.shards == str(tmp_path / "data" / "fashion-mnist")
+    s3 = resolve_local_paths(load_config(overrides=["checkpoint.storage_path=s3://b/p"]), tmp_path)
+    assert s3.checkpoint.storage_path == "s3://b/p"
+
+
+def test_every_field_has_a_docstring():
+    def walk(model_cls, prefix=""):
+        for name, info in model_cls.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                yield from walk(annotation, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", info.description
+
+    undocumented = [name for name, doc in walk(RunConfig) if not doc]
+    assert not undocumented

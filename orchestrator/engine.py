@@ -1,7 +1,7 @@
 """The model and its DeepSpeed engine, built from the run config on every worker.
 
 DeepSpeed is configured entirely from our typed config (no separate JSON to drift out of sync):
-ZeRO stage, bf16 on GPU or fp32 on CPU, gradient clipping, AdamW with the paper's no-decay set, and
+ZeRO stage, bf16 autocast on GPU or fp32 on CPU, gradient clipping, AdamW with the paper's no-decay set, and
 our warmup schedule. The optimizer is PyTorch's own AdamW (``torch_adam``): DeepSpeed's fused Adam is a
 JIT-compiled extension, which a CPU machine cannot build and a GPU image may lack the compiler for.
 """
@@ -13,14 +13,13 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
-from models.clip import CLIP
+from models.clip import CLIP, weight_decay_groups
 from orchestrator.config import RunConfig
 from orchestrator.schedule import build_lr_scheduler
 
-# Parameters exempt from weight decay by name (besides every gain and bias, i.e. ndim < 2).
-NO_DECAY_NAMES = frozenset({"token_embedding", "positional_embedding", "class_embedding", "logit_scale"})
+# Modules whose gradients DeepSpeed may reduce in bf16 under autocast (their matmuls run in bf16 anyway).
+BF16_SAFE_MODULES = ["torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv2d", "models.transformer.SelfAttention"]
 
 
 def build_model(cfg: RunConfig) -> CLIP:
@@ -38,20 +37,6 @@ def build_model(cfg: RunConfig) -> CLIP:
     return model
 
 
-def exempt_from_weight_decay(name: str, parameter: nn.Parameter) -> bool:
-    """Gains, biases, embeddings and the logit scale are not decayed (the paper, following AdamW practice)."""
-    return parameter.ndim < 2 or any(part in NO_DECAY_NAMES for part in name.split("."))
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed weight matrices, and everything exempt (see above)."""
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if exempt_from_weight_decay(name, parameter) else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict equivalent to the run config's optim/deepspeed sections."""
     ds = cfg.deepspeed
@@ -65,7 +50,14 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "train_batch_size": ds.micro_batch_size * ds.grad_accum_steps * world_size,
         "gradient_clipping": cfg.optim.grad_clip_norm or 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        # bf16 runs as torch.autocast over fp32 weights (DeepSpeed's torch_autocast), not as DeepSpeed's
+        # "bf16" section (bf16 weights): 1.54x faster on an H100 for ViT-L/14 (benchmarks/gpu_step.py).
+        "torch_autocast": {
+            "enabled": cfg.precision == "bf16",
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": BF16_SAFE_MODULES,
+        },
+        "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "optimizer": {
             "type": "AdamW",
@@ -98,7 +90,7 @@ def build_engine(cfg: RunConfig, model: CLIP, world_size: int):
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=parameter_groups(model, cfg.optim.weight_decay),
+        model_parameters=weight_decay_groups(model, cfg.optim.weight_decay),
         config=deepspeed_config(cfg, world_size),
         lr_scheduler=scheduler,
     )

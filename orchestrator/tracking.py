@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ _HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 _HEALTH_PROBE_TIMEOUT_S = 5.0
-_TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
+# SQLAlchemyError: a local sqlite store left half-created by a killed run fails with it, not MlflowException.
+_TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError, SQLAlchemyError)
 _RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _CONFUSION_TICK_LABEL_LIMIT = 40  # above this many classes tick labels are unreadable
 

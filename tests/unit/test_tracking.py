@@ -146,3 +146,15 @@ def test_short_retry_defaults_make_mlflow_itself_give_up_in_seconds(monkeypatch)
     with pytest.raises(MlflowException, match="127.0.0.1"):
         MlflowClient(uri).get_experiment_by_name("any")
     assert time.monotonic() - started < 15
+
+
+def test_a_corrupt_local_store_warns_and_training_goes_on(caplog, tmp_path):
+    """A sqlite file left broken by a killed run raises SQLAlchemy errors: one warning, then no-ops."""
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"this is not a sqlite database" * 100)
+    tracker = RunTracker.from_config(Settings(uri=f"sqlite:///{store}"))
+    caplog.set_level(logging.WARNING, logger="orchestrator.tracking")
+    run_id = tracker.start({"optim": {"lr": 1e-3}}, "optim:\n  lr: 0.001\n")
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    assert run_id is None and not tracker.active
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up from nothing and run the whole test suite (unit + integration; tests/gpu runs on a GPU machine only).
+# Set up from nothing and run the whole test suite (unit + integration; the GPU check is scripts/gpu_check.sh, on a GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

@@ -8,16 +8,14 @@ depends on ``aws_credentials``: every worker then sees the same fake keys the te
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.local_servers import free_port, stop, wait_until_serving
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,25 +27,6 @@ FAKE_AWS_ENV = {
     "AWS_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto server exited early with code {process.returncode}")
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1).close()
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.2)
-    raise RuntimeError(f"moto server at {url} did not answer within {timeout_s} s")
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +45,7 @@ def aws_credentials() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="session")
 def s3_endpoint(aws_credentials: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a real S3 HTTP endpoint (moto) on 127.0.0.1; the server is stopped by its PID at the end."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
     process = subprocess.Popen(
@@ -75,15 +54,10 @@ def s3_endpoint(aws_credentials: dict[str, str], tmp_path_factory: pytest.TempPa
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_until_serving(url, process)
+        wait_until_serving(url + "/moto-api/", process, name="moto server", timeout_s=30)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         log.close()
 
 

@@ -81,7 +81,8 @@ def test_killed_worker_node_is_survived(tiny_run_config, tmp_path):
         [sys.executable, __file__, cfg.model_dump_json(), str(out_path)],
         env=env, cwd=REPO_ROOT, timeout=600, capture_output=True, text=True,
     )
-    assert run.returncode == 0, run.stderr[-3000:]
+    (tmp_path / "scenario.log").write_text(run.stdout + run.stderr)  # the whole story, for a failure
+    assert run.returncode == 0, f"see {tmp_path / 'scenario.log'}: " + run.stderr[-3000:]
     outcome = json.loads(out_path.read_text())
     assert outcome["killed"], outcome
     assert "error" not in outcome, outcome["error"]

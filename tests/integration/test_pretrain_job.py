@@ -10,40 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.local_servers import free_port, wait_until_serving
+
 pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}")
-        try:
-            urllib.request.urlopen(url + "/api/version", timeout=2).close()
-            return
-        except urllib.error.HTTPError:  # token auth answers 401 without a token: the server is up
-            return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"Ray dashboard at {url} did not answer within {timeout_s} s")
 
 
 def test_bad_config_fails_before_ray_naming_the_field():
@@ -57,19 +35,20 @@ def test_bad_config_fails_before_ray_naming_the_field():
 
 
 def test_ray_job_submit_runs_pretraining(fashion_mnist_shards, tmp_path):
-    dashboard_port, gcs_port = _free_port(), _free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={_free_port()}",
+         f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
     try:
-        _wait_for_dashboard(address, head)
+        # token auth answers 401 to a request without a token: that already means the server is up
+        wait_until_serving(address + "/api/version", head, name="ray start", timeout_s=120, http_error_means_up=True)
         overrides = [
             f"data.shards={fashion_mnist_shards}", "data.decode_concurrency=1", "data.shuffle_buffer=256",
             "deepspeed.micro_batch_size=64", "schedule.warmup_steps=2", "schedule.total_steps=6",

@@ -2,11 +2,9 @@
 default embedded sqlite store, everything checked back through MlflowClient."""
 
 import logging
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from matplotlib.image import imread
 from mlflow import MlflowClient
 
 from orchestrator.tracking import MAX_PARAM_VALUE_CHARS, RunTracker, flatten_config
+from tests.local_servers import free_port, stop, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -31,31 +30,11 @@ class Settings:
     system_metrics: bool = False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_health(uri: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"mlflow server not healthy after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real tracking server on 127.0.0.1 with a sqlite backend and artifacts proxied into tmp."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     log_path = root / "server.log"
     command = [
         sys.executable, "-m", "mlflow", "server",
@@ -67,15 +46,10 @@ def mlflow_server(tmp_path_factory):
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_for_health(uri, proc, log_path)
+        wait_until_serving(f"{uri}/health", proc, name="mlflow server", timeout_s=90, log_path=log_path)
         yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _config(model_name: str = "RN50", lr: float = 5e-4) -> dict:

@@ -10,7 +10,6 @@ tell the two apart.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from models.loss import ClipLoss
 from models.registry import create_model
 from orchestrator.collectives import all_reduce_sum, gather_with_grad
 from orchestrator.contrastive_step import accumulated_step, single_chunk_step
+from tests.local_servers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -80,17 +80,11 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def distributed_gradients(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     out_dir = tmp_path_factory.mktemp("grads")
     for mode in ("accumulated", "single", "naive"):
-        mp.spawn(_worker, args=(_free_port(), mode, str(out_dir)), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_port(), mode, str(out_dir)), nprocs=WORLD, join=True)
     return {mode: torch.load(out_dir / f"{mode}.pt") for mode in ("accumulated", "single", "naive")}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from models import create_model
 from models.loss import ClipLoss
 from orchestrator.collectives import gather_with_grad
+from tests.local_servers import free_port
 
 GLOBAL_BATCH = 8
 WORLD_SIZE = 2
@@ -95,14 +95,8 @@ def _sharded_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_gloo_processes_reproduce_the_global_batch_loss_and_gradients(tmp_path):
-    mp.spawn(_sharded_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_sharded_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     torch.manual_seed(0)
     model = create_model("ViT-tiny")
     images, tokens = _batch()

@@ -2,17 +2,20 @@
 
 OpenAI's files are TorchScript archives (or plain state dicts); neither names its architecture, so the
 spec is read off parameter shapes the way their ``build_model`` does, then matched to a registered name.
+Head counts leave no trace in the shapes: a registered match supplies its own (the debug sizes use 4 heads
+at width 64); an unregistered architecture gets OpenAI's rule of one head per 64 channels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 
 import torch
 
 from models.clip import CLIP
-from models.registry import PAPER_MODELS, get_model_spec
+from models.registry import get_model_spec, list_models
 from models.spec import ModelSpec, TextSpec, VisionSpec
 
 
@@ -49,11 +52,19 @@ def spec_from_openai_state_dict(state: Mapping[str, torch.Tensor]) -> ModelSpec:
         layers = tuple(_count_blocks(state, f"visual.layer{i}") for i in range(1, 5))
         vision = VisionSpec(kind="resnet", image_size=grid * 32, width=width, layers=layers, heads=width * 32 // 64)
     inferred = ModelSpec(name="custom", embed_dim=embed_dim, vision=vision, text=text)
-    for name in PAPER_MODELS:
+    for name in list_models():
         registered = get_model_spec(name)
-        if ModelSpec(**{**registered.__dict__, "name": "custom"}) == inferred:
-            return registered
+        if _same_shapes(registered, inferred):
+            return registered  # with its own head counts, which no weight shape reveals
     return inferred
+
+
+def _same_shapes(registered: ModelSpec, inferred: ModelSpec) -> bool:
+    """Equal up to the name and the attention head counts (inferred as OpenAI's width / 64)."""
+    vision = dataclasses.replace(registered.vision, heads=inferred.vision.heads)
+    text = dataclasses.replace(registered.text, heads=inferred.text.heads)
+    candidate = dataclasses.replace(registered, name=inferred.name, vision=vision, text=text)
+    return candidate == inferred
 
 
 def load_openai_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> CLIP:

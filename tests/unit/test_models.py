@@ -244,3 +244,18 @@ def test_models_package_never_imports_distributed_or_cluster_code():
         "bad = [m for m in ('ray', 'deepspeed', 'mlflow', 'boto3') if m in sys.modules]; print(bad); assert not bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=package.parent)
+
+
+@pytest.mark.parametrize("name", ["RN-tiny", "ViT-tiny"])
+def test_debug_size_checkpoints_reload_with_their_own_head_counts(name, tmp_path):
+    """Heads are invisible in weight shapes: a registered match must supply them, or features change."""
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    path = tmp_path / "export.pt"
+    torch.save(model.openai_state_dict(), path)
+    loaded = load_openai_checkpoint(path).eval()
+    assert loaded.spec == model.spec
+    images = torch.randn(2, 3, model.image_size, model.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images))
+        torch.testing.assert_close(loaded.encode_text(_sample_tokens()), model.encode_text(_sample_tokens()))

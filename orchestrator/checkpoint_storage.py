@@ -10,10 +10,11 @@ handled by boto3), while everything else delegates to pyarrow's ``S3FileSystem``
 from __future__ import annotations
 
 import tempfile
-from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from orchestrator.storage import s3_filesystem
 
 _SPOOL_BYTES = 64 << 20  # small checkpoint files stay in memory, large ones go to a temporary file
 
@@ -51,12 +52,7 @@ class Boto3WriteS3Handler(pafs.FileSystemHandler):
 
     def __init__(self, endpoint_url: str | None, region: str):
         self.endpoint_url, self.region = endpoint_url, region
-        parsed = urlparse(endpoint_url) if endpoint_url else None
-        self.inner = (
-            pafs.S3FileSystem(endpoint_override=parsed.netloc, scheme=parsed.scheme, region=region)
-            if parsed
-            else pafs.S3FileSystem(region=region)
-        )
+        self.inner = s3_filesystem(endpoint_url, region)
         self._client = None
 
     def __reduce__(self):  # travels to Ray's controller and workers; clients are rebuilt there

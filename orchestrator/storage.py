@@ -42,9 +42,15 @@ class Location:
                         self.endpoint_url)
 
 
+def default_region() -> str:
+    """The AWS region from the standard environment variables (us-east-1 when none is set)."""
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint_url: str | None) -> pafs.S3FileSystem:
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+def s3_filesystem(endpoint_url: str | None, region: str | None = None) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem for AWS or an S3-compatible endpoint; keys come from the AWS chain."""
+    region = region or default_region()
     if not endpoint_url:
         return pafs.S3FileSystem(region=region)
     parsed = urlparse(endpoint_url)
@@ -68,7 +74,7 @@ def resolve(url: str, endpoint_url: str | None = None) -> Location:
         path = url[len("s3://") :].strip("/")
         if not path:
             raise ValueError(f"S3 URL {url!r} names no bucket")
-        return Location(_s3_filesystem(endpoint_url), path, "s3://" + path, endpoint_url)
+        return Location(s3_filesystem(endpoint_url), path, "s3://" + path, endpoint_url)
     if "://" in url:
         raise ValueError(f"unsupported URL scheme in {url!r}: use a local path or s3://bucket/prefix")
     path = os.path.abspath(os.path.expanduser(url))

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 
 from orchestrator.checkpoint_storage import s3_checkpoint_filesystem
 from orchestrator.config import ConfigError, RunConfig
+from orchestrator.storage import default_region
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # written by Ray Train v2 beside the checkpoints
@@ -62,8 +63,8 @@ def storage_target(cfg: RunConfig) -> StorageTarget:
     if not url.startswith("s3://"):
         return StorageTarget(None, url, url)
     path = url.removeprefix("s3://").strip("/")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    filesystem = s3_checkpoint_filesystem(cfg.checkpoint.s3_endpoint_url, region)
+    # The driver's region travels with the filesystem, so every worker node writes to the same one.
+    filesystem = s3_checkpoint_filesystem(cfg.checkpoint.s3_endpoint_url, default_region())
     return StorageTarget(filesystem, path, url)
 
 

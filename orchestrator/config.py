@@ -104,7 +104,8 @@ class DeepSpeedConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     """ZeRO stage: 0 data-parallel only, 1 shards optimizer states, 2 also gradients, 3 also parameters."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Training precision; auto is bf16 on GPU and fp32 on CPU (bf16 on CPU is many times slower)."""
+    """Training precision; auto is bf16 on GPU and fp32 on CPU (bf16 on CPU is many times slower). bf16 means
+    bf16 autocast over fp32 weights (DeepSpeed's torch_autocast), never bf16 weights."""
     micro_batch_size: int = Field(default=64, gt=0)
     """Samples per worker per forward/backward chunk (what must fit in one device's memory)."""
     grad_accum_steps: int = Field(default=1, ge=1)

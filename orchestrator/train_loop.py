@@ -53,7 +53,8 @@ class Worker:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
+        """Input dtype: the weights stay float32 under DeepSpeed's torch_autocast, which picks bf16 per op."""
+        return torch.float32
 
     @property
     def stop_step(self) -> int:
@@ -220,16 +221,18 @@ def _evaluate(worker: Worker) -> ZeroShotResult | None:
     if worker.eval_set is None:
         return None
     cfg = worker.cfg
-    result = evaluate_zero_shot(
-        worker.engine.module,
-        worker.eval_set,
-        tokenizer_for(cfg),
-        worker.eval_templates,
-        rank=worker.rank,
-        world_size=worker.world_size,
-        batch_size=cfg.eval.batch_size,
-        dtype=worker.dtype,
-    )
+    # The bare module runs outside the engine's forward, so it needs the engine's autocast itself.
+    with torch.autocast(worker.engine.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        result = evaluate_zero_shot(
+            worker.engine.module,
+            worker.eval_set,
+            tokenizer_for(cfg),
+            worker.eval_templates,
+            rank=worker.rank,
+            world_size=worker.world_size,
+            batch_size=cfg.eval.batch_size,
+            dtype=worker.dtype,
+        )
     worker.last_metrics.update({"zero_shot_top1": result.top1, "zero_shot_top5": result.top5})
     if worker.is_chief:
         print(f"[rayclip] step {worker.state.step}: zero-shot top-1 {result.top1:.3f} top-5 {result.top5:.3f} "

@@ -411,6 +411,20 @@ class TrainStream:
     epochs: int
 
 
+def control_actor_options(name: str, namespace: str) -> dict[str, Any]:
+    """Options for a named bookkeeping actor: no CPU, and on the node of the process that creates it.
+
+    The stream's actors are created by Ray Train's controller, which Ray keeps on the driver's node. Left
+    to the default scheduler they can land on a training node, and dying with that node they would take
+    the stream's position and counters with them, so no restarted worker group could start.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return dict(name=name, namespace=namespace, num_cpus=0, scheduling_strategy=here)
+
+
 def build_train_dataset(cfg: DataConfig, *, epochs: int, position: dict | None = None,
                         train: bool = True) -> TrainStream:
     """The training stream over ``epochs`` epochs (resuming at ``position``), checked before any work.
@@ -427,7 +441,7 @@ def build_train_dataset(cfg: DataConfig, *, epochs: int, position: dict | None =
     plan = plan_epochs(names, cfg.seed, epochs, position)
     monitor_name = f"rayclip-data-monitor-{uuid.uuid4().hex[:12]}"
     first_epoch = int((position or {}).get("epoch", 0))
-    monitor = ray.remote(DataStreamMonitor).options(name=monitor_name, namespace=MONITOR_NAMESPACE, num_cpus=0).remote(
+    monitor = ray.remote(DataStreamMonitor).options(**control_actor_options(monitor_name, MONITOR_NAMESPACE)).remote(
         names, manifest.total_samples, cfg.max_error_fraction, first_epoch, (position or {}).get("completed"))
     read_kwargs = dict(folder_url=folder.url, endpoint_url=cfg.s3_endpoint_url, shard_names=names,
                        shard_samples=[shard.samples for shard in manifest.shards], retries=cfg.read_retries,

@@ -87,7 +87,7 @@ def dataset_factory(cfg: RunConfig):
         import ray
 
         from orchestrator import training_data  # the imported module, not this closure's pickled globals
-        from orchestrator.data import build_train_dataset, open_shard_set
+        from orchestrator.data import build_train_dataset, control_actor_options, open_shard_set
 
         run = RunConfig.from_dict(config)
         state = latest_checkpoint_state(run) or {}
@@ -97,7 +97,7 @@ def dataset_factory(cfg: RunConfig):
         live = training_data._LIVE_REGISTRIES
         name = registry_name(run)
         if name not in live:  # the creating handle owns the actor: keep that one, not a borrowed one
-            live[name] = ray.remote(StreamRegistry).options(name=name, namespace=REGISTRY_NAMESPACE, num_cpus=0).remote()
+            live[name] = ray.remote(StreamRegistry).options(**control_actor_options(name, REGISTRY_NAMESPACE)).remote()
         ray.get(live[name].set.remote(stream.monitor_name, stream))
         return stream.dataset
 

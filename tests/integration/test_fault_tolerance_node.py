@@ -28,6 +28,7 @@ def _scenario(config_json: str, out_path: str) -> None:
     import ray
     from mlflow import MlflowClient
     from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
 
     from orchestrator.config import RunConfig
     from orchestrator.trainer import build_trainer
@@ -61,6 +62,10 @@ def _scenario(config_json: str, out_path: str) -> None:
     while not checkpoint_registered() and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.5)
     outcome["killed"] = checkpoint_registered() and thread.is_alive()
+    # The stream's bookkeeping actors must not live where training does, or a node loss takes them along.
+    control = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.name.startswith("rayclip-")]
+    outcome["control_actors"] = sorted(a.name.rsplit("-", 1)[0] for a in control)
+    outcome["control_actors_off_head"] = [a.name for a in control if a.node_id != cluster.head_node.node_id]
     if outcome["killed"]:
         cluster.remove_node(nodes[1])
         cluster.add_node(num_cpus=1, resources={"trainer": 1})
@@ -85,6 +90,9 @@ def test_killed_worker_node_is_survived(tiny_run_config, tmp_path):
     assert run.returncode == 0, f"see {tmp_path / 'scenario.log'}: " + run.stderr[-3000:]
     outcome = json.loads(out_path.read_text())
     assert outcome["killed"], outcome
+    assert any(name.startswith("rayclip-stream-registry") for name in outcome["control_actors"]), outcome
+    assert any(name.startswith("rayclip-data-monitor") for name in outcome["control_actors"]), outcome
+    assert outcome["control_actors_off_head"] == [], outcome
     assert "error" not in outcome, outcome["error"]
     assert outcome["step"] == 8
     logged = outcome["logged_steps"]

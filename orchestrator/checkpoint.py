@@ -10,8 +10,13 @@ local or S3) holds:
     openai_model.pt         final checkpoint only: the consolidated model in OpenAI's state-dict layout
 
 Reporting from rank 0 only (Ray's examples) would lose every other rank's ZeRO partition (Ray #33369).
-Resume needs the same worker count as the checkpoint: ZeRO optimizer partitions are per rank, and
-changing the count needs DeepSpeed's universal-checkpoint conversion, which is not done here.
+
+Resume on another worker count (a resized cluster, ``--resume`` with a new ``scaling.num_workers``): ZeRO
+optimizer partitions are per rank, so the checkpoint is first converted to DeepSpeed's *universal* layout
+(one file per parameter and optimizer state, ``deepspeed.checkpoint.ds_to_universal``) by local rank 0 of
+each node into a node-local scratch folder, and the engine, built with ``load_universal``, re-partitions
+it for the new count. Parameters, Adam moments, scheduler and step come back exactly; ranks the old run
+did not have start fresh RNG streams.
 """
 
 from __future__ import annotations
@@ -112,19 +117,72 @@ def save_and_report(engine, state: TrainState, rank: int, metrics: dict[str, Any
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def restore(engine, checkpoint, rank: int, world_size: int) -> TrainState:
-    """Load model, optimizer, scheduler, RNG and the train state from a Ray Train checkpoint."""
+def saved_state(checkpoint) -> TrainState:
+    """The train state stored in a Ray Train checkpoint (to see, before building the engine, how many
+    workers wrote it)."""
+    with checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, STATE_FILE)) as handle:
+            return TrainState.from_dict(json.load(handle))
+
+
+def restore(engine, checkpoint, rank: int, world_size: int, local_rank: int = 0) -> TrainState:
+    """Load model, optimizer, scheduler, RNG and the train state from a Ray Train checkpoint.
+
+    A checkpoint of another worker count needs an engine built with ``load_universal=True``
+    (``orchestrator.engine.build_engine``); every rank calls this (collective).
+    """
     with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, STATE_FILE)) as handle:
             state = TrainState.from_dict(json.load(handle))
-        if state.world_size != world_size:
-            raise RuntimeError(
-                f"checkpoint {checkpoint.path} was written by {state.world_size} workers but this run has "
-                f"{world_size}: ZeRO optimizer partitions are per rank; set scaling.num_workers="
-                f"{state.world_size} to resume it"
-            )
-        load_path, _ = engine.load_checkpoint(directory, tag=DEEPSPEED_TAG)
+        if state.world_size == world_size:
+            load_dir, tag = directory, DEEPSPEED_TAG
+        else:
+            load_dir, tag = _universal_copy(directory, checkpoint.path, local_rank), UNIVERSAL_TAG
+        load_path, _ = engine.load_checkpoint(load_dir, tag=tag)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}/{DEEPSPEED_TAG}")
-        _restore_rng(torch.load(os.path.join(directory, _rng_file(rank)), weights_only=False))
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {load_dir}/{tag}")
+        rng_path = os.path.join(directory, _rng_file(rank))
+        if os.path.exists(rng_path):
+            _restore_rng(torch.load(rng_path, weights_only=False))
+    if state.world_size != world_size:
+        if dist.is_initialized():
+            dist.barrier()  # every rank has loaded before the node's scratch copy goes
+        if local_rank == 0:
+            shutil.rmtree(os.path.dirname(load_dir), ignore_errors=True)
+        if rank == 0:
+            print(f"[rayclip] checkpoint of {state.world_size} workers resumed on {world_size} "
+                  "(converted to DeepSpeed's universal layout); the global batch changes with the worker count",
+                  flush=True)
+        state.world_size = world_size
     return state
+
+
+UNIVERSAL_TAG = "universal"
+
+
+def _universal_copy(directory: str, checkpoint_id: str, local_rank: int) -> str:
+    """``directory``'s DeepSpeed checkpoint in the universal layout, converted once per node (collective).
+
+    Returns the load directory holding ``UNIVERSAL_TAG``. Local rank 0 converts (a subprocess of
+    DeepSpeed's converter, which reads every rank's partition); the other ranks wait at a barrier.
+    """
+    import hashlib
+    import subprocess
+    import sys
+
+    key = hashlib.sha1(checkpoint_id.encode()).hexdigest()[:16]
+    scratch = os.path.join(tempfile.gettempdir(), f"rayclip-universal-{key}")
+    load_dir = os.path.join(scratch, "load")
+    if local_rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        os.makedirs(load_dir)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                   "--input_folder", os.path.join(directory, DEEPSPEED_TAG),
+                   "--output_folder", os.path.join(load_dir, UNIVERSAL_TAG),
+                   "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+        run = subprocess.run(command, capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"converting {checkpoint_id} for a new worker count failed:\n{run.stderr[-3000:]}")
+    if dist.is_initialized():
+        dist.barrier()
+    return load_dir

@@ -59,7 +59,7 @@ class DataConfig(BaseModel):
     image_size: int = Field(default=224, gt=0)
     """Square side in pixels of the images fed to the model (train crop / eval center crop)."""
     image_dtype: Literal["uint8", "float32"] = "uint8"
-    """uint8: 4x less to move, normalise on the worker with ``models.transforms.normalize_images``;
+    """uint8: 4x less to move, normalised on the worker by ``models.transforms.channels_last_batch_to_model``;
     float32: normalised with CLIP's mean/std in the decode stage."""
     context_length: int = Field(default=77, gt=0)
     """Token ids per caption (CLIP: 77)."""
@@ -68,7 +68,8 @@ class DataConfig(BaseModel):
     shuffle_buffer: int = Field(default=2048, ge=0)
     """Samples in each worker's local shuffle buffer (0 disables it); shard order is reshuffled anyway."""
     seed: int = 0
-    """Seed of the per-epoch shard permutation and of the shuffle buffer."""
+    """Seed of the per-epoch shard permutation, the shuffle buffer and the random crops (a sample's crop
+    is a function of seed, epoch and sample id)."""
     decode_concurrency: int = Field(default=2, ge=1)
     """Ray actors that decode, augment and tokenize (each holds one CPU)."""
     decode_batch_size: int = Field(default=64, gt=0)
@@ -242,11 +243,11 @@ class DecodeAugmentTokenize:
     """Ray Data decode stage (an actor: the tokenizer and transform are built once, ~0.5 s)."""
 
     def __init__(self, image_size: int, image_dtype: str, context_length: int, monitor_name: str | None,
-                 train: bool = True):
+                 train: bool = True, seed: int = 0):
         from models.tokenizer import get_tokenizer
         from models.transforms import image_transform
 
-        self.image_size, self.image_dtype = image_size, image_dtype
+        self.image_size, self.image_dtype, self.seed = image_size, image_dtype, seed
         self.transform = image_transform(image_size, train=train, normalize=False)
         self.tokenizer = get_tokenizer(context_length=context_length)
         self.context_length = context_length
@@ -255,29 +256,37 @@ class DecodeAugmentTokenize:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        images, keep, dropped = [], [], Counter()
+        size = self.image_size
+        # Channels-last, the decoder's own layout: the resampler reads and writes it, so each image is
+        # written with a plain copy; the transpose to (3, R, R) runs on the training device, for free.
+        pixels = torch.empty((len(batch["image"]), size, size, 3), dtype=torch.uint8)
+        keep, dropped = [], Counter()
         for row, encoded in enumerate(batch["image"]):
             try:
-                images.append(self.transform(decode_image(encoded)))
+                # A sample's crop depends on (seed, epoch, sample id) alone: reproducible, and the same
+                # whichever actor or batch it lands in (a resumed run sees the same augmentation).
+                self.transform.rng.seed(self._crop_seed(int(batch["epoch"][row]), int(batch["sample_id"][row])))
+                self.transform.into(decode_image(encoded), pixels[len(keep)].permute(2, 0, 1))
                 keep.append(row)
             except Exception:  # any decoder error means this sample only is bad
                 dropped[(int(batch["epoch"][row]), int(batch["shard_index"][row]))] += 1
         if dropped and self.monitor_name:
             _get_monitor(self.monitor_name).record_decode_errors.remote(dict(dropped))
-        return self._assemble(batch, keep, images, torch)
+        return self._assemble(batch, keep, pixels[:len(keep)], torch)
 
-    def _assemble(self, batch, keep, images, torch) -> dict[str, np.ndarray]:
-        size = self.image_size
-        pixels = torch.stack(images) if images else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    def _crop_seed(self, epoch: int, sample_id: int) -> int:
+        return ((self.seed * 1_000_003 + epoch) << 64) + sample_id
+
+    def _assemble(self, batch, keep, pixels, torch) -> dict[str, np.ndarray]:
         if self.image_dtype == "float32":
             from models.transforms import normalize_images
 
-            pixels = normalize_images(pixels)
+            pixels = normalize_images(pixels.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
         captions = [str(batch["caption"][row]) for row in keep]
         tokens = self.tokenizer(captions) if captions else torch.zeros((0, self.context_length), dtype=torch.long)
         index = np.asarray(keep, dtype=np.int64)
         return {
-            "image": pixels.numpy(),  # (B, 3, R, R)
+            "image": pixels.numpy(),  # (B, R, R, 3)
             "text": tokens.numpy().astype(np.int64),  # (B, context_length)
             "epoch": batch["epoch"][index],
             "shard_index": batch["shard_index"][index],
@@ -453,7 +462,7 @@ def build_train_dataset(cfg: DataConfig, *, epochs: int, position: dict | None =
         .map_batches(DecodeAugmentTokenize, batch_size=cfg.decode_batch_size,
                      fn_constructor_kwargs=dict(image_size=cfg.image_size, image_dtype=cfg.image_dtype,
                                                 context_length=cfg.context_length, monitor_name=monitor_name,
-                                                train=train),
+                                                train=train, seed=cfg.seed),
                      compute=ray.data.ActorPoolStrategy(size=cfg.decode_concurrency))
     )
     return TrainStream(dataset, monitor_name, monitor, manifest.total_samples, len(names), epochs)
@@ -464,7 +473,8 @@ def iter_train_batches(dataset_shard, cfg: DataConfig, monitor_name: str, *, ran
     """Torch batches for one worker, reporting what it consumed; raises once the error budget is exceeded.
 
     ``dataset_shard`` is ``ray.train.get_dataset_shard("train")`` (or the Dataset itself on the driver).
-    Batches hold ``image`` (B, 3, R, R), ``text`` (B, ctx) int64 and ``epoch`` / ``shard_index`` /
+    Batches hold ``image`` (B, R, R, 3) channels-last (``models.transforms.channels_last_batch_to_model``
+    makes the model's normalised (B, 3, R, R) on the training device), ``text`` (B, ctx) int64 and ``epoch`` / ``shard_index`` /
     ``sample_id``; near an epoch boundary one batch can hold samples of two epochs.
     """
     import ray
@@ -534,13 +544,16 @@ class HeldoutSplit:
         """(images (B, 3, R, R), labels (B,)) torch batches with the eval transform (resize + center crop)."""
         import torch
 
-        from models.transforms import image_transform
+        from models.transforms import image_transform, normalize_images
 
-        transform = image_transform(image_size, train=False, normalize=normalize)
+        transform = image_transform(image_size, train=False)
         for start in range(0, len(self.images), batch_size):
             chunk = self.images[start:start + batch_size]
-            pixels = torch.stack([transform(decode_image(encoded)) for encoded in chunk])
-            yield pixels, torch.as_tensor(self.labels[start:start + batch_size], dtype=torch.long)
+            pixels = torch.empty((len(chunk), 3, image_size, image_size), dtype=torch.uint8)
+            for slot, encoded in zip(pixels, chunk):
+                transform.into(decode_image(encoded), slot)
+            yield (normalize_images(pixels) if normalize else pixels), torch.as_tensor(
+                self.labels[start:start + batch_size], dtype=torch.long)
 
 
 def load_heldout(cfg: DataConfig, *, limit: int | None = None) -> HeldoutSplit:

@@ -75,8 +75,12 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     }
 
 
-def build_engine(cfg: RunConfig, model: CLIP, world_size: int):
-    """``deepspeed.initialize`` with our optimizer groups and schedule; returns the engine."""
+def build_engine(cfg: RunConfig, model: CLIP, world_size: int, *, load_universal: bool = False):
+    """``deepspeed.initialize`` with our optimizer groups and schedule; returns the engine.
+
+    ``load_universal``: the engine will load a universal checkpoint (one converted for another worker
+    count, see ``orchestrator.checkpoint``).
+    """
     import deepspeed
 
     def scheduler(optimizer):
@@ -91,7 +95,7 @@ def build_engine(cfg: RunConfig, model: CLIP, world_size: int):
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=weight_decay_groups(model, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, world_size),
+        config={**deepspeed_config(cfg, world_size), "checkpoint": {"load_universal": load_universal}},
         lr_scheduler=scheduler,
     )
     return engine

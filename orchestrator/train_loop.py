@@ -70,8 +70,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
-    engine = build_engine(cfg, build_model(cfg), world_size)
-    worker = Worker(cfg, rank, world_size, engine, _restore_or_start(cfg, engine, rank, world_size))
+    checkpoint = ray.train.get_checkpoint()
+    resized = checkpoint is not None and checkpoints.saved_state(checkpoint).world_size != world_size
+    engine = build_engine(cfg, build_model(cfg), world_size, load_universal=resized)
+    state = _restore_or_start(cfg, engine, checkpoint, rank, context.get_local_rank(), world_size)
+    worker = Worker(cfg, rank, world_size, engine, state)
     worker.eval_set, worker.eval_templates = load_eval_set(cfg, engine.module.image_size) or (None, [])
     worker.tracker = _start_tracking(worker)
     try:
@@ -83,14 +86,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise
 
 
-def _restore_or_start(cfg: RunConfig, engine, rank: int, world_size: int) -> checkpoints.TrainState:
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+def _restore_or_start(cfg: RunConfig, engine, checkpoint, rank: int, local_rank: int,
+                      world_size: int) -> checkpoints.TrainState:
+    torch.manual_seed(cfg.seed + rank)  # each rank its own RNG stream, reproducibly (a checkpoint's replaces it)
     if checkpoint is None:
-        torch.manual_seed(cfg.seed + rank)  # ranks see different augmentations, reproducibly
         return checkpoints.TrainState(world_size=world_size)
-    state = checkpoints.restore(engine, checkpoint, rank, world_size)
+    state = checkpoints.restore(engine, checkpoint, rank, world_size, local_rank)
     if rank == 0:
         print(f"[rayclip] resumed from {checkpoint.path} at step {state.step}", flush=True)
     return state

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from models.transforms import normalize_images
+from models.transforms import channels_last_batch_to_model
 from orchestrator.config import RunConfig
 from orchestrator.evaluation import LabelledImages
 
@@ -188,9 +188,7 @@ class TrainBatches:
             if float(missing) > 0:  # some rank's split is exhausted: every rank stops at the same step
                 return
             images, tokens = batch
-            pixels = images.to(self.device)
-            pixels = normalize_images(pixels, dtype=self.dtype) if pixels.dtype == torch.uint8 else pixels.to(self.dtype)
-            yield pixels, tokens.to(self.device)
+            yield channels_last_batch_to_model(images.to(self.device), self.dtype), tokens.to(self.device)
 
     def position(self) -> dict[str, Any]:
         """The resumable position: complete shards (from the stream) + consumed ids of the partial ones."""

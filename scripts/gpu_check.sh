@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, run through the device tool (torch + DeepSpeed, no Ray): installs the carried wheels in
-# .whl/ (DeepSpeed and the few packages the GPU image lacks), then benchmarks/gpu_step.py variants.
+# .whl/ (DeepSpeed and the few packages the GPU image lacks), then benchmarks/gpu_train_path.py and
+# benchmarks/gpu_step.py variants.
 # Results go to $OUT/gpu_step.jsonl when $OUT is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,9 @@ fi
 export PYTHONUNBUFFERED=1 DS_BUILD_OPS=0
 results="${OUT:-/tmp}/gpu_step.jsonl"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# The training worker's own functions (bf16 autocast steps, zero-shot eval, export, model.compile) first.
+python3 benchmarks/gpu_train_path.py --config configs/vit_l14.yaml --micro-batch 64 --steps 10 \
+    --compile-model ViT-B/32 --json "${OUT:-/tmp}/gpu_train_path.jsonl"
 python3 benchmarks/gpu_step.py --models ViT-L/14 --precision autocast --steps 6 --json "$results"
 python3 benchmarks/gpu_step.py --models ViT-L/14 --precision autocast --batch 256 --compile --steps 6 --json "$results"
 python3 benchmarks/gpu_step.py --models RN50x64 --precision autocast --steps 6 --json "$results"

@@ -95,7 +95,7 @@ def test_two_worker_train_run_sees_every_sample_once_per_epoch(fashion_on_s3, s3
     assert len(seen) == len(set(seen)) == 2 * PER_SPLIT
     for epoch in (0, 1):
         assert {sample for e, sample in seen if e == epoch} == _all_ids(4)
-    assert {tuple(s) for r in per_rank for s in r["shapes"]} == {("(3, 16, 16)", "torch.uint8", "77")}
+    assert {tuple(s) for r in per_rank for s in r["shapes"]} == {("(16, 16, 3)", "torch.uint8", "77")}
     counters = stream_counters(stream.monitor_name)
     assert counters["samples_consumed"] == 2 * PER_SPLIT and counters["decode_error"] == 0
     assert stream_position(stream.monitor_name) == {"epoch": 2, "completed": {}}

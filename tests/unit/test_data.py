@@ -124,7 +124,7 @@ def test_decode_stage_drops_corrupt_images_and_tokenizes():
              "epoch": np.zeros(3, np.int32), "shard_index": np.zeros(3, np.int32),
              "sample_id": np.arange(3, dtype=np.int64)}
     out = stage(batch)
-    assert out["image"].shape == (2, 3, 8, 8) and out["image"].dtype == np.uint8
+    assert out["image"].shape == (2, 8, 8, 3) and out["image"].dtype == np.uint8  # channels-last
     assert out["sample_id"].tolist() == [0, 2]
     assert out["text"][1, :4].tolist() == [49406, 320, 22697, 49407]
 
@@ -160,5 +160,31 @@ def test_decode_stage_can_emit_normalised_float_images():
     batch = {"image": np.array([_jpeg(255)], dtype=object), "caption": np.array(["a dog"], dtype=object),
              "epoch": np.zeros(1, np.int32), "shard_index": np.zeros(1, np.int32), "sample_id": np.zeros(1, np.int64)}
     image = stage(batch)["image"]
-    assert image.dtype == np.float32 and image.shape == (1, 3, 8, 8)
-    assert np.allclose(image[0, 0], (1.0 - 0.48145466) / 0.26862954, atol=0.05)  # white -> CLIP-normalised
+    assert image.dtype == np.float32 and image.shape == (1, 8, 8, 3)
+    assert np.allclose(image[0, :, :, 0], (1.0 - 0.48145466) / 0.26862954, atol=0.05)  # white -> CLIP-normalised
+
+
+def _textured_jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize((96, 80), Image.BILINEAR).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_a_samples_random_crop_depends_on_seed_epoch_and_id_only():
+    def run(order, epoch=0, seed=0):
+        stage = DecodeAugmentTokenize(image_size=32, image_dtype="uint8", context_length=77, monitor_name=None,
+                                      seed=seed)
+        batch = {"image": np.array([images[i] for i in order], dtype=object),
+                 "caption": np.array(["a photo"] * len(order), dtype=object),
+                 "epoch": np.full(len(order), epoch, np.int32), "shard_index": np.zeros(len(order), np.int32),
+                 "sample_id": np.array([100 + i for i in order], dtype=np.int64)}
+        out = stage(batch)
+        return {int(i): out["image"][row] for row, i in enumerate(out["sample_id"] - 100)}
+
+    images = [_textured_jpeg(seed) for seed in range(3)]
+    first = run([0, 1, 2])
+    regrouped = run([2, 0])  # another batch, another actor: the same crops
+    assert np.array_equal(first[0], regrouped[0]) and np.array_equal(first[2], regrouped[2])
+    assert not np.array_equal(first[0], run([0], epoch=1)[0])  # a new epoch, a new crop
+    assert not np.array_equal(first[0], run([0], seed=1)[0])

@@ -1,0 +1,196 @@
+"""The training worker's own code on one GPU, without Ray: the bf16 paths that only a GPU exercises.
+
+    python benchmarks/gpu_train_path.py [--config configs/vit_l14.yaml] [--micro-batch 32] [--json out.jsonl]
+
+``orchestrator.train_loop`` runs inside Ray Train, whose wheel is too large for the GPU check machine;
+this script drives the same functions directly (``build_engine``, ``_optimizer_step``, ``_evaluate``,
+``_export_openai_state_dict``) on the run config given, in one process (a world of one):
+
+1. ``steps``: the config's engine (bf16 autocast, ZeRO stage, gradient checkpointing) trains on one
+   fixed batch of channels-last uint8 images, as the data stream ships them; the loss must fall.
+2. ``eval``: the zero-shot evaluation under the engine's autocast must give a finite accuracy, and
+   the bare module's image features under autocast must match fp32 to bf16 precision.
+3. ``export``: the OpenAI-layout export (fp32 master weights) loaded into a fresh model must give the
+   engine's fp32 features.
+4. ``compile`` (``--compile-model``, a smaller model): ``model.compile=true`` trains like eager.
+
+Each check prints one JSON line (and appends it to ``--json``); the process exits non-zero on a failed
+check. ``--device cpu`` with ``--set model.name=ViT-tiny`` runs the same checks on a CPU, for a dry run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.clip import CLIP  # noqa: E402
+from models.transforms import channels_last_batch_to_model  # noqa: E402
+from orchestrator.checkpoint import TrainState  # noqa: E402
+from orchestrator.config import RunConfig, load_config  # noqa: E402
+from orchestrator.engine import build_engine, build_model  # noqa: E402
+from orchestrator.evaluation import LabelledImages  # noqa: E402
+from orchestrator.train_loop import Worker, _evaluate, _export_openai_state_dict, _optimizer_step  # noqa: E402
+
+
+class PrintingTracker:
+    """Stands in for MLflow (not what this script checks): keeps what rank 0 would log."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple] = []
+
+    def log_zero_shot(self, step, top1, top5, confusion, class_names) -> None:
+        self.logged.append((step, top1, top5))
+
+
+def emit(record: dict, path: str | None) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if path:
+        with open(path, "a") as handle:
+            handle.write(line + "\n")
+
+
+def synthetic_batch(cfg: RunConfig, batch: int, device: torch.device):
+    """Channels-last uint8 images (B, R, R, 3), as the stream ships them, and captions naming 8 classes."""
+    from models.tokenizer import get_tokenizer
+
+    size = cfg.model.spec().vision.image_size
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(batch) % 8
+    base = torch.randint(0, 256, (8, 1, 1, 3), generator=generator, dtype=torch.uint8)  # a colour per class
+    noise = torch.randint(0, 40, (batch, size, size, 3), generator=generator, dtype=torch.uint8)
+    images = (base[labels].expand(-1, size, size, -1) // 2 + noise).to(device)
+    names = [f"colour {index}" for index in range(8)]
+    tokens = get_tokenizer(context_length=cfg.model.spec().text.context_length)(
+        [f"a photo of {names[label]}." for label in labels.tolist()]).to(device)
+    return images, tokens, labels, names
+
+
+def build_worker(cfg: RunConfig) -> Worker:
+    engine = build_engine(cfg, build_model(cfg), world_size=1)
+    return Worker(cfg, rank=0, world_size=1, engine=engine, state=TrainState(), tracker=PrintingTracker())
+
+
+def check_steps(worker: Worker, images, tokens, steps: int) -> dict:
+    pixels = channels_last_batch_to_model(images, worker.dtype)
+    losses, started = [], None
+    for step in range(steps):
+        if step == 2:  # first steps: allocator warm-up, cuDNN/cuBLAS heuristics
+            torch.cuda.synchronize() if pixels.is_cuda else None
+            started = time.perf_counter()
+        result = _optimizer_step(worker, pixels, tokens)
+        losses.append(float(result.loss))
+    torch.cuda.synchronize() if pixels.is_cuda else None
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() / 2**30 if pixels.is_cuda else 0.0
+    return {"check": "steps", "ok": losses[-1] < losses[0] and all(map(torch.isfinite, map(torch.tensor, losses))),
+            "losses": [round(x, 4) for x in losses], "samples_per_s": round(len(images) * (steps - 2) / seconds, 1),
+            "peak_mem_gib": round(peak, 2)}
+
+
+def check_eval(worker: Worker, images, labels, names) -> dict:
+    nchw = images.permute(0, 3, 1, 2).contiguous().cpu()
+    worker.eval_set, worker.eval_templates = LabelledImages(nchw, labels, names), ["a photo of {}."]
+    result = _evaluate(worker)
+    module = worker.engine.module
+    pixels = channels_last_batch_to_model(images[:16], torch.float32)
+    with torch.no_grad():
+        reference = torch.nn.functional.normalize(module.encode_image(pixels).float(), dim=-1)
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=worker.cfg.precision == "bf16"):
+            autocast = torch.nn.functional.normalize(module.encode_image(pixels).float(), dim=-1)
+    cosine = float((reference * autocast).sum(-1).min())
+    return {"check": "eval", "ok": 0.0 <= result.top1 <= 1.0 and cosine > 0.99 and bool(worker.tracker.logged),
+            "top1": result.top1, "top5": result.top5, "min_cosine_autocast_vs_fp32": round(cosine, 5)}
+
+
+def check_export(worker: Worker, images) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        path = _export_openai_state_dict(worker, scratch)
+        state_dict = torch.load(path, map_location="cpu")
+    fresh = CLIP(worker.engine.module.spec)
+    fresh.load_openai_state_dict(state_dict)
+    fresh.to(images.device).eval()
+    module = worker.engine.module.eval()
+    pixels = channels_last_batch_to_model(images[:8], torch.float32)
+    with torch.no_grad():
+        ours, theirs = module.encode_image(pixels).float(), fresh.encode_image(pixels).float()
+    difference = float((ours - theirs).abs().max())
+    return {"check": "export", "ok": difference < 1e-3 * float(ours.abs().max()), "max_abs_diff": difference,
+            "tensors": len(state_dict)}
+
+
+def check_compile(cfg: RunConfig, batch: int, device: torch.device) -> dict:
+    losses = {}
+    for compiled in (False, True):
+        run = RunConfig.from_dict({**cfg.model_dump(), "model": {**cfg.model.model_dump(), "compile": compiled}})
+        worker = build_worker(run)
+        images, tokens, _, _ = synthetic_batch(run, batch, device)
+        started = time.perf_counter()
+        record = check_steps(worker, images, tokens, steps=8)
+        losses[compiled] = record["losses"]
+        losses[f"{compiled}_s"] = round(time.perf_counter() - started, 1)
+        losses[f"{compiled}_samples_per_s"] = record["samples_per_s"]
+        del worker
+    close = all(abs(a - b) < 0.05 * max(1.0, abs(b)) for a, b in zip(losses[True], losses[False]))
+    return {"check": "compile", "model": cfg.model.name, "ok": close and losses[True][-1] < losses[True][0],
+            "eager_losses": losses[False], "compiled_losses": losses[True],
+            "eager_samples_per_s": losses["False_samples_per_s"], "compiled_samples_per_s": losses["True_samples_per_s"],
+            "eager_s": losses["False_s"], "compiled_s_incl_compile": losses["True_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/vit_l14.yaml")
+    parser.add_argument("--set", action="append", default=[], help="section.field=value overrides")
+    parser.add_argument("--micro-batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--compile-model", default=None, help="also check model.compile on this architecture")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29512")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if args.device == "cuda" else "gloo")
+    device = torch.device(args.device)
+    # A short warmup, so the few steps here move the loss (the paper's 2,000 would keep the lr near 0).
+    overrides = [f"deepspeed.micro_batch_size={args.micro_batch}", "deepspeed.grad_accum_steps=1",
+                 "scaling.num_workers=1", "schedule.warmup_steps=3", *args.set]
+    cfg = load_config(args.config, overrides)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    emit({"check": "setup", "device": name, "model": cfg.model.name, "precision": cfg.precision,
+          "zero_stage": cfg.deepspeed.zero_stage, "grad_checkpointing": cfg.model.grad_checkpointing,
+          "micro_batch": args.micro_batch, "torch": torch.__version__, "deepspeed": deepspeed.__version__}, args.json)
+    worker = build_worker(cfg)
+    images, tokens, labels, names = synthetic_batch(cfg, args.micro_batch, device)
+    records = [check_steps(worker, images, tokens, args.steps)]
+    emit(records[-1], args.json)
+    records.append(check_eval(worker, images, labels, names))
+    emit(records[-1], args.json)
+    records.append(check_export(worker, images))
+    emit(records[-1], args.json)
+    del worker
+    if args.compile_model:
+        small = load_config(args.config, [*overrides, f"model.name={args.compile_model}", "model.grad_checkpointing=false"])
+        records.append(check_compile(small, args.micro_batch, device))
+        emit(records[-1], args.json)
+    failed = [record["check"] for record in records if not record["ok"]]
+    print("all checks passed" if not failed else f"FAILED: {', '.join(failed)}", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

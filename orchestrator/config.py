@@ -360,19 +360,38 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return RunConfig.from_dict(apply_overrides(data, overrides or []))
 
 
-def resolve_local_paths(cfg: RunConfig, base_dir: str | os.PathLike) -> RunConfig:
-    """Make relative local paths absolute against ``base_dir`` (the driver's cwd).
+def output_base_dir(cwd: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> Path:
+    """Where relative *output* paths (``checkpoint.storage_path``, a sqlite tracking store) resolve.
 
-    Ray workers run in other directories, so a relative storage path or sqlite store must be fixed on
-    the driver before the config travels.
+    The current directory, except in a ``ray job submit --working-dir`` job: its current directory is a
+    copy that Ray deletes with the job's runtime resources, which would take checkpoints and the MLflow
+    store along, so there ``~/rayclip`` is used. ``$RAYCLIP_HOME``, when set, always wins.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("RAYCLIP_HOME"):
+        return Path(environ["RAYCLIP_HOME"]).expanduser().resolve()
+    cwd = Path(cwd if cwd is not None else os.getcwd()).resolve()
+    if "working_dir_files" in cwd.parts and "runtime_resources" in cwd.parts:
+        return Path(environ.get("HOME", "~")).expanduser() / "rayclip"
+    return cwd
+
+
+def resolve_local_paths(cfg: RunConfig, base_dir: str | os.PathLike,
+                        output_dir: str | os.PathLike | None = None) -> RunConfig:
+    """Make relative local paths absolute: inputs against ``base_dir`` (the driver's cwd), outputs
+    (checkpoints, a sqlite MLflow store) against ``output_dir`` (default: ``base_dir``).
+
+    Ray workers run in other directories, so relative paths must be fixed on the driver before the
+    config travels.
     """
     base = Path(base_dir).resolve()
+    outputs = Path(output_dir).resolve() if output_dir is not None else base
     data = cfg.model_dump()
     storage = data["checkpoint"]["storage_path"]
     if "://" not in storage and not os.path.isabs(storage):
-        data["checkpoint"]["storage_path"] = str(base / storage)
+        data["checkpoint"]["storage_path"] = str(outputs / storage)
     uri = data["tracking"]["uri"]
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        data["tracking"]["uri"] = "sqlite:///" + str(base / uri.removeprefix("sqlite:///"))
+        data["tracking"]["uri"] = "sqlite:///" + str(outputs / uri.removeprefix("sqlite:///"))
     data["data"] = cfg.data.resolved(base).model_dump(exclude_unset=True)
     return RunConfig.from_dict(data)

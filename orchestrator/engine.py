@@ -98,6 +98,8 @@ def build_engine(cfg: RunConfig, model: CLIP, world_size: int, *, load_universal
         config={**deepspeed_config(cfg, world_size), "checkpoint": {"load_universal": load_universal}},
         lr_scheduler=scheduler,
     )
+    if cfg.model.compile:
+        engine.compile()  # compiles the module's forward in place: state-dict keys and checkpoints unchanged
     return engine
 
 

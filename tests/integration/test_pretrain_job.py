@@ -68,6 +68,7 @@ def test_ray_job_submit_runs_pretraining(fashion_mnist_shards, tmp_path):
         output = run.stdout + run.stderr
         assert run.returncode == 0, output[-4000:]
         assert "succeeded" in output
+        assert "relative checkpoint and MLflow paths resolve under" in output  # the job's cwd is Ray's copy
         assert "(6/6 steps)" in output and "openai_model.pt" in output and "MLflow UI:" in output
         top1 = [line for line in output.splitlines() if line.startswith("zero-shot top-1: ")]
         assert top1 and 0.0 <= float(top1[-1].split(": ")[1]) <= 1.0

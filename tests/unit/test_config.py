@@ -125,6 +125,20 @@ def test_relative_paths_resolve_against_the_launch_directory(tmp_path):
     assert s3.checkpoint.storage_path == "s3://b/p"
 
 
+def test_outputs_of_a_ray_job_outlive_its_temporary_working_directory(tmp_path):
+    from orchestrator.config import output_base_dir
+
+    job_copy = tmp_path / "ray" / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    home = {"HOME": str(tmp_path / "home")}
+    assert output_base_dir(job_copy, home) == tmp_path / "home" / "rayclip"
+    assert output_base_dir(tmp_path, home) == tmp_path  # a plain launch directory is kept
+    assert output_base_dir(job_copy, {**home, "RAYCLIP_HOME": str(tmp_path / "mine")}) == tmp_path / "mine"
+    cfg = resolve_local_paths(load_config(), job_copy, output_base_dir(job_copy, home))
+    assert cfg.checkpoint.storage_path == str(tmp_path / "home" / "rayclip" / "outputs" / "ray")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/home/rayclip/mlflow.db"
+    assert cfg.data.shards == str(job_copy / "data" / "fashion-mnist")  # inputs: where the job's files are
+
+
 def test_every_field_has_a_docstring():
     def walk(model_cls, prefix=""):
         for name, info in model_cls.model_fields.items():

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 DEEPSPEED_TAG = "ds"
+UNIVERSAL_TAG = "universal"  # a checkpoint converted for another worker count, in a scratch folder
 STATE_FILE = "train_state.json"
 EXPORT_FILE = "openai_model.pt"
 
@@ -119,10 +120,9 @@ def save_and_report(engine, state: TrainState, rank: int, metrics: dict[str, Any
 
 def saved_state(checkpoint) -> TrainState:
     """The train state stored in a Ray Train checkpoint (to see, before building the engine, how many
-    workers wrote it)."""
-    with checkpoint.as_directory() as directory:
-        with open(os.path.join(directory, STATE_FILE)) as handle:
-            return TrainState.from_dict(json.load(handle))
+    workers wrote it); reads that one small file, not the whole checkpoint."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{STATE_FILE}") as handle:
+        return TrainState.from_dict(json.loads(handle.read()))
 
 
 def restore(engine, checkpoint, rank: int, world_size: int, local_rank: int = 0) -> TrainState:
@@ -155,9 +155,6 @@ def restore(engine, checkpoint, rank: int, world_size: int, local_rank: int = 0)
                   flush=True)
         state.world_size = world_size
     return state
-
-
-UNIVERSAL_TAG = "universal"
 
 
 def _universal_copy(directory: str, checkpoint_id: str, local_rank: int) -> str:

@@ -148,7 +148,7 @@ def restore(engine, checkpoint, rank: int, world_size: int, local_rank: int = 0)
         if dist.is_initialized():
             dist.barrier()  # every rank has loaded before the node's scratch copy goes
         if local_rank == 0:
-            shutil.rmtree(os.path.dirname(load_dir), ignore_errors=True)
+            shutil.rmtree(load_dir, ignore_errors=True)
         if rank == 0:
             print(f"[rayclip] checkpoint of {state.world_size} workers resumed on {world_size} "
                   "(converted to DeepSpeed's universal layout); the global batch changes with the worker count",
@@ -160,18 +160,18 @@ def restore(engine, checkpoint, rank: int, world_size: int, local_rank: int = 0)
 def _universal_copy(directory: str, checkpoint_id: str, local_rank: int) -> str:
     """``directory``'s DeepSpeed checkpoint in the universal layout, converted once per node (collective).
 
-    Returns the load directory holding ``UNIVERSAL_TAG``. Local rank 0 converts (a subprocess of
-    DeepSpeed's converter, which reads every rank's partition); the other ranks wait at a barrier.
+    Returns the node-local scratch directory holding ``UNIVERSAL_TAG`` (the caller removes it after
+    loading). Local rank 0 converts (a subprocess of DeepSpeed's converter, which reads every rank's
+    partition); the other ranks wait at a barrier.
     """
     import hashlib
     import subprocess
     import sys
 
     key = hashlib.sha1(checkpoint_id.encode()).hexdigest()[:16]
-    scratch = os.path.join(tempfile.gettempdir(), f"rayclip-universal-{key}")
-    load_dir = os.path.join(scratch, "load")
+    load_dir = os.path.join(tempfile.gettempdir(), f"rayclip-universal-{key}")
     if local_rank == 0:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(load_dir, ignore_errors=True)
         os.makedirs(load_dir)
         command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                    "--input_folder", os.path.join(directory, DEEPSPEED_TAG),

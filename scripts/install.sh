@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! dpkg -s dataset-fashion-mnist tuxpaint-stamps-default mate-backgrounds >/dev/null 2>&1; then
+# g++: DeepSpeed JIT-builds its CPU communication op, and torch.compile (model.compile) generates C++ on CPU.
+packages="dataset-fashion-mnist tuxpaint-stamps-default mate-backgrounds g++"
+if ! dpkg -s $packages >/dev/null 2>&1; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist tuxpaint-stamps-default mate-backgrounds >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,bench]"

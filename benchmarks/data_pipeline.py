@@ -3,7 +3,7 @@
     python benchmarks/data_pipeline.py [--workdir /tmp/rayclip-bench] [--image-size 224] [--json out.json]
 
 Shards: the 12 Debian ``mate-backgrounds`` photos (2560x1600), each cut into 30 random crops, plus the Tux Paint
-stamps, written at a 256-px maximum side by ``orchestrator.shards`` (~1,150 samples). Paths compared:
+stamps, written at a 256-px maximum side by ``orchestrator.data`` (~1,150 samples). Paths compared:
 
 Each 1-core path runs ``--rounds`` times, interleaved with the others; the median round is reported.
 
@@ -39,7 +39,7 @@ from orchestrator.data import (  # noqa: E402
     iter_train_batches,
     parse_shard,
 )
-from orchestrator.shards import ShardOptions, SourceRecord, captioned_folder_records, prepare_shards  # noqa: E402
+from orchestrator.data import ShardOptions, SourceRecord, captioned_folder_records, prepare_shards  # noqa: E402
 
 PHOTOS = Path("/usr/share/backgrounds/mate/nature")
 STAMPS = "/usr/share/tuxpaint/stamps"

@@ -2,9 +2,9 @@
 
     python benchmarks/gpu_train_path.py [--config configs/vit_l14.yaml] [--micro-batch 32] [--json out.jsonl]
 
-``orchestrator.train_loop`` runs inside Ray Train, whose wheel is too large for the GPU check machine;
-this script drives the same functions directly (``build_engine``, ``_optimizer_step``, ``_evaluate``,
-``_export_openai_state_dict``) on the run config given, in one process (a world of one):
+``orchestrator.train.worker_loop`` runs inside Ray Train, whose wheel is too large for the GPU check machine;
+this script drives the same functions directly (``build_engine``, ``optimizer_step``, ``evaluate``,
+``write_export``) on the run config given, in one process (a world of one):
 
 1. ``steps``: the config's engine (bf16 autocast, ZeRO stage, gradient checkpointing) trains on one
    fixed batch of channels-last uint8 images, as the data stream ships them; the loss must fall.
@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.clip import CLIP  # noqa: E402
 from models.transforms import channels_last_batch_to_model  # noqa: E402
-from orchestrator.checkpoint import TrainState  # noqa: E402
+from orchestrator.train import TrainState  # noqa: E402
 from orchestrator.config import RunConfig, load_config  # noqa: E402
-from orchestrator.engine import build_engine, build_model  # noqa: E402
-from orchestrator.evaluation import LabelledImages  # noqa: E402
-from orchestrator.train_loop import Worker, _evaluate, _export_openai_state_dict, _optimizer_step  # noqa: E402
+from orchestrator.train import build_engine, build_model  # noqa: E402
+from orchestrator.eval import LabelledImages  # noqa: E402
+from orchestrator.train import Worker, evaluate, write_export, optimizer_step  # noqa: E402
 
 
 class PrintingTracker:
@@ -89,7 +89,7 @@ def check_steps(worker: Worker, images, tokens, steps: int) -> dict:
             if pixels.is_cuda:
                 torch.cuda.synchronize()
             started = time.perf_counter()
-        result = _optimizer_step(worker, pixels, tokens)
+        result = optimizer_step(worker, pixels, tokens)
         losses.append(float(result.loss))  # (a host sync every step)
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**30 if pixels.is_cuda else 0.0
@@ -101,7 +101,7 @@ def check_steps(worker: Worker, images, tokens, steps: int) -> dict:
 def check_eval(worker: Worker, images, labels, names) -> dict:
     nchw = images.permute(0, 3, 1, 2).contiguous().cpu()
     worker.eval_set, worker.eval_templates = LabelledImages(nchw, labels, names), ["a photo of {}."]
-    result = _evaluate(worker)
+    result = evaluate(worker)
     module = worker.engine.module
     pixels = channels_last_batch_to_model(images[:16], torch.float32)
     with torch.no_grad():
@@ -115,7 +115,7 @@ def check_eval(worker: Worker, images, labels, names) -> dict:
 
 def check_export(worker: Worker, images) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
-        path = _export_openai_state_dict(worker, scratch)
+        path = write_export(worker, scratch)
         state_dict = torch.load(path, map_location="cpu")
     fresh = CLIP(worker.engine.module.spec)
     fresh.load_openai_state_dict(state_dict)

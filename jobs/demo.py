@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from jobs import prepare_data  # noqa: E402
 from orchestrator.config import load_config, resolve_local_paths  # noqa: E402
-from orchestrator.trainer import build_trainer, check_inputs, describe_result, init_ray, name_run  # noqa: E402
+from orchestrator.logs import setup_logging  # noqa: E402
+from orchestrator.train import build_trainer, check_inputs, describe_result, init_ray, name_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    log = setup_logging()
     cfg = name_run(resolve_local_paths(load_config(None, args.overrides), os.getcwd()))
     if not os.path.exists(os.path.join(cfg.data.shards, "manifest.json")):
-        print(f"preparing Fashion-MNIST shards in {cfg.data.shards} ...", flush=True)
+        log.info("preparing Fashion-MNIST shards in %s", cfg.data.shards)
         prepare_data.main(["--input", "fashion-mnist", "--output", cfg.data.shards, "--shard-size", "2000"])
     check_inputs(cfg)
     import ray

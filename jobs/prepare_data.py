@@ -16,7 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
-from orchestrator.shards import ShardOptions, prepare_dataset  # noqa: E402
+from orchestrator.data import ShardOptions, prepare_dataset  # noqa: E402
+from orchestrator.logs import setup_logging  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    setup_logging()
     options = ShardOptions(shard_size=args.shard_size, max_side=args.max_side, image_format=args.image_format)
     manifests = prepare_dataset(args.input, args.output, options, endpoint_url=args.s3_endpoint_url,
                                 workers=args.workers, image_column=args.image_column,

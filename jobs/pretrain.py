@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
 from orchestrator.config import ConfigError, load_config, output_base_dir, resolve_local_paths  # noqa: E402
-from orchestrator.trainer import build_trainer, check_inputs, describe_result, init_ray, name_run  # noqa: E402
+from orchestrator.logs import setup_logging  # noqa: E402
+from orchestrator.train import build_trainer, check_inputs, describe_result, init_ray, name_run  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,15 +30,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    log = setup_logging()
     try:
         outputs = output_base_dir()
         if outputs != Path.cwd().resolve():
-            print(f"[rayclip] relative checkpoint and MLflow paths resolve under {outputs} "
-                  "(this directory is a temporary copy; set RAYCLIP_HOME to choose)", flush=True)
+            log.info("relative checkpoint and MLflow paths resolve under %s (this directory is a temporary "
+                     "copy; set RAYCLIP_HOME to choose)", outputs)
         config = load_config(args.config, args.overrides)
         cfg = name_run(resolve_local_paths(config, os.getcwd(), outputs), args.resume)
         check_inputs(cfg)
-    except (ConfigError, OSError, ValueError) as error:
+    except (ConfigError, OSError, ValueError) as error:  # a config or input mistake: one line, exit 2
         print(f"error: {error}", file=sys.stderr)
         return 2
     import ray

@@ -1,24 +1,35 @@
 """rayclip's model library: the paper's CLIP architectures, tokenizer, loss and zero-shot evaluation.
 
 Pure single-device PyTorch: nothing here imports ray, deepspeed, mlflow or torch.distributed. Distribution
-is applied from ``orchestrator/`` (e.g. by passing a distributed ``gather`` to :class:`ClipLoss`).
+is applied from ``orchestrator/`` (e.g. by passing a distributed ``gather`` to :class:`ClipLoss`), which
+imports only what this ``__init__`` exports (a test holds it to that).
 """
 
-from models.clip import CLIP
+from models.clip import CLIP, to_openai_layout, weight_decay_groups
+from models.loss import ClipLoss, Gather
 from models.registry import PAPER_MODELS, create_model, get_model_spec, list_models
-from models.loss import ClipLoss
 from models.spec import ModelSpec, TextSpec, VisionSpec
 from models.tokenizer import get_tokenizer
+from models.transforms import channels_last_batch_to_model, image_transform, normalize_images
+from models.zero_shot import IMAGENET_TEMPLATES, build_zero_shot_classifier
 
 __all__ = [
     "CLIP",
     "ClipLoss",
+    "Gather",
+    "IMAGENET_TEMPLATES",
     "ModelSpec",
     "TextSpec",
     "VisionSpec",
     "PAPER_MODELS",
+    "build_zero_shot_classifier",
+    "channels_last_batch_to_model",
     "create_model",
     "get_model_spec",
     "get_tokenizer",
+    "image_transform",
     "list_models",
+    "normalize_images",
+    "to_openai_layout",
+    "weight_decay_groups",
 ]

@@ -46,6 +46,12 @@ def build_vision_tower(spec: ModelSpec) -> nn.Module:
     )
 
 
+
+def to_openai_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of :class:`CLIP` in OpenAI's released layout: the same names, ``logit_scale`` 0-dim
+    (stored here as a 1-element vector because DeepSpeed ZeRO-3 cannot partition 0-dim parameters)."""
+    return {**state, "logit_scale": state["logit_scale"].reshape(())}
+
 class CLIP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -118,9 +124,7 @@ class CLIP(nn.Module):
 
     def openai_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights in the layout of OpenAI's released checkpoints (0-dim ``logit_scale``)."""
-        state = {name: tensor.detach().clone() for name, tensor in self.state_dict().items()}
-        state["logit_scale"] = state["logit_scale"].reshape(())
-        return state
+        return to_openai_layout({name: tensor.detach().clone() for name, tensor in self.state_dict().items()})
 
     def load_openai_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load OpenAI-layout weights strictly: every key used, every shape equal.

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 DS_ACCELERATOR=cpu
 export RAY_DATA_DISABLE_PROGRESS_BARS=1  # keep the demo's output to training progress and results
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+# DeepSpeed builds its CPU comm op once per machine (60-90 s), shared by every checkout
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/rayclip/torch_extensions}"
 python3 jobs/model_zoo.py
 python3 jobs/demo.py "$@"

@@ -10,4 +10,4 @@ if ! dpkg -s $packages >/dev/null 2>&1; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
 fi
-python3 -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,bench]"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -c constraints.txt -e ".[test,bench]"

@@ -7,7 +7,8 @@ bash scripts/install.sh
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 DS_ACCELERATOR=cpu
 # (see orchestrator/__init__.py: test modules may import mlflow before orchestrator)
 export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+# DeepSpeed builds its CPU comm op once per machine (60-90 s), shared by every checkout
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/rayclip/torch_extensions}"
 if [ "$#" -gt 0 ]; then
     exec python3 -m pytest -q -p no:cacheprovider "$@"
 fi

@@ -85,7 +85,7 @@ def ray_session(aws_credentials: dict[str, str]) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def fashion_mnist_shards(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small real Fashion-MNIST shard set (3,000 train images in 6 shards + 3,000 held-out test images)."""
-    from orchestrator.shards import ShardOptions, prepare_fashion_mnist
+    from orchestrator.data import ShardOptions, prepare_fashion_mnist
 
     output = str(tmp_path_factory.mktemp("fashion-mnist") / "shards")
     prepare_fashion_mnist(output, ShardOptions(shard_size=500, max_side=28, image_format="png"), limit=3000, workers=2)
@@ -96,7 +96,7 @@ def fashion_mnist_shards(ray_session: None, tmp_path_factory: pytest.TempPathFac
 def tiny_run_config(fashion_mnist_shards: str, tmp_path):
     """Factory of a validated small training config (ViT-tiny, 2 CPU workers) with ``--set`` overrides."""
     from orchestrator.config import load_config, resolve_local_paths
-    from orchestrator.trainer import name_run
+    from orchestrator.train import name_run
 
     def make(*overrides: str):
         base = [

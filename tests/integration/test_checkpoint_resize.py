@@ -1,6 +1,6 @@
 """A ZeRO checkpoint written by 2 ranks restores exactly on 1 and on 3 (real gloo processes, DeepSpeed).
 
-``orchestrator.checkpoint.restore`` converts it to DeepSpeed's universal layout (local rank 0, once) and the
+``orchestrator.train.checkpoint.restore`` converts it to DeepSpeed's universal layout (local rank 0, once) and the
 engine built with ``load_universal`` re-partitions it: the fp32 master weights and both Adam moments,
 reassembled across ranks, must equal the writer's bit for bit, and the scheduler must continue at the
 same learning rate.
@@ -40,9 +40,9 @@ def _rank(rank: int, world: int, port: int, mode: str, directory: str) -> None:
     import deepspeed
     from ray.train import Checkpoint
 
-    from orchestrator import checkpoint as checkpoints
+    from orchestrator.train import checkpoint as checkpoints
     from orchestrator.config import load_config
-    from orchestrator.engine import build_engine, build_model
+    from orchestrator.train import build_engine, build_model
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.set_num_threads(1)

@@ -25,7 +25,7 @@ from orchestrator.data import (
     open_shard_set,
     stream_counters,
 )
-from orchestrator.shards import ManifestError, ShardOptions, fashion_mnist_records, prepare_shards
+from orchestrator.data import ManifestError, ShardOptions, fashion_mnist_records, prepare_shards
 from orchestrator.storage import StorageError
 
 pytestmark = pytest.mark.integration

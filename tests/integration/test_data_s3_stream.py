@@ -20,7 +20,7 @@ from orchestrator.data import (
     stream_counters,
     stream_position,
 )
-from orchestrator.shards import FASHION_MNIST_CLASSES, ShardOptions, prepare_fashion_mnist, read_idx
+from orchestrator.data import FASHION_MNIST_CLASSES, ShardOptions, prepare_fashion_mnist, read_idx
 
 pytestmark = pytest.mark.integration
 

@@ -27,8 +27,8 @@ def _losses(compile_model: bool) -> tuple[list[float], bool]:
 
     from orchestrator.collectives import all_reduce_sum, gather_with_grad
     from orchestrator.config import load_config
-    from orchestrator.contrastive_step import single_chunk_step
-    from orchestrator.engine import build_engine, build_model
+    from orchestrator.train import single_chunk_step
+    from orchestrator.train import build_engine, build_model
 
     cfg = load_config(overrides=[f"model.compile={str(compile_model).lower()}", "deepspeed.micro_batch_size=6",
                                  "deepspeed.zero_stage=1", "deepspeed.precision=fp32"])

@@ -31,7 +31,7 @@ def _scenario(config_json: str, out_path: str) -> None:
     from ray.util.state import list_actors
 
     from orchestrator.config import RunConfig
-    from orchestrator.trainer import build_trainer
+    from orchestrator.train import build_trainer
 
     cfg = RunConfig.from_dict(json.loads(config_json))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))

@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
+from orchestrator.train import DEFAULT_EXTENSIONS_DIR
 from tests.local_servers import free_port, wait_until_serving
 
 pytestmark = pytest.mark.integration
@@ -34,6 +36,17 @@ def test_bad_config_fails_before_ray_naming_the_field():
     assert "ray" not in run.stdout.lower()
 
 
+def test_missing_shards_fail_in_one_line_before_ray(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "jobs/pretrain.py", "--set", f"data.shards={tmp_path / 'nonexistent'}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: data.shards={str(tmp_path / 'nonexistent')!r}: folder {tmp_path / 'nonexistent'} does not exist"]
+    assert "Traceback" not in run.stderr and "ray" not in run.stdout.lower()
+
+
 def test_ray_job_submit_runs_pretraining(fashion_mnist_shards, tmp_path):
     dashboard_port, gcs_port = free_port(), free_port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
@@ -45,7 +58,7 @@ def test_ray_job_submit_runs_pretraining(fashion_mnist_shards, tmp_path):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR))
     try:
         # token auth answers 401 to a request without a token: that already means the server is up
         wait_until_serving(address + "/api/version", head, name="ray start", timeout_s=120, http_error_means_up=True)
@@ -71,7 +84,18 @@ def test_ray_job_submit_runs_pretraining(fashion_mnist_shards, tmp_path):
         assert "relative checkpoint and MLflow paths resolve under" in output  # the job's cwd is Ray's copy
         assert "(6/6 steps)" in output and "openai_model.pt" in output and "MLflow UI:" in output
         top1 = [line for line in output.splitlines() if line.startswith("zero-shot top-1: ")]
-        assert top1 and 0.0 <= float(top1[-1].split(": ")[1]) <= 1.0
+        run_id = next(line.split(", run ")[1].split(" at ")[0] for line in output.splitlines() if line.startswith("MLflow: "))
+        logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.metrics["zero_shot_top1"]
+        assert top1 and top1[-1] == f"zero-shot top-1: {logged:.3f}"  # what the job prints is what MLflow holds
+
+        # the design card's command as typed: the default data.shards is relative, and Ray's copy of the
+        # working directory holds no data, so the job stops in one line saying what to pass
+        default = subprocess.run(command[: command.index("--") + 3], cwd=REPO_ROOT, env=env, capture_output=True,
+                                 text=True, timeout=600)
+        output = default.stdout + default.stderr
+        assert default.returncode != 0
+        assert "error: data.shards='" in output and "--set data.shards=/abs/path" in output, output[-3000:]
+        assert "Traceback" not in output
     finally:
         head.terminate()  # `ray start --block` stops the node's processes when it exits
         try:

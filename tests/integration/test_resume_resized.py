@@ -2,7 +2,7 @@
 
 Job 1 (2 workers, ZeRO-2) stops after 4 of 8 steps; job 2 is ``--resume`` of it with
 ``scaling.num_workers=1``. DeepSpeed's ZeRO optimizer partitions are per rank, so the restore converts the
-checkpoint to the universal layout first (``orchestrator.checkpoint``). The resumed job must finish the
+checkpoint to the universal layout first (``orchestrator.train.checkpoint``). The resumed job must finish the
 same MLflow run at step 8, follow the 8-step learning-rate schedule and train on no sample twice, and its
 own checkpoints must record 1 worker. That weights and Adam moments come back exactly on 1 and on 3 ranks
 is checked in ``test_checkpoint_resize.py``.
@@ -16,8 +16,7 @@ import os
 import pytest
 from mlflow import MlflowClient
 
-from orchestrator.schedule import lr_multiplier
-from orchestrator.trainer import build_trainer, name_run
+from orchestrator.train import build_trainer, lr_multiplier, name_run
 
 pytestmark = pytest.mark.integration
 

@@ -13,20 +13,11 @@ import os
 
 import boto3
 import pytest
-from mlflow import MlflowClient
 
-from orchestrator.schedule import lr_multiplier
-from orchestrator.trainer import build_trainer, name_run
+from orchestrator.train import build_trainer, lr_multiplier, name_run
+from tests.factories import metric_history
 
 pytestmark = pytest.mark.integration
-
-
-def _history(cfg, run_id: str, key: str) -> dict[int, float]:
-    client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    metrics = client.get_metric_history(run_id, key)
-    steps = [m.step for m in metrics]
-    assert len(steps) == len(set(steps)), f"{key} logged twice for a step: {sorted(steps)}"
-    return {m.step: m.value for m in metrics}
 
 
 def test_resume_from_s3_continues_the_same_run(tiny_run_config, s3_endpoint):
@@ -44,10 +35,10 @@ def test_resume_from_s3_continues_the_same_run(tiny_run_config, s3_endpoint):
     run_id = stopped.metrics["mlflow_run_id"]
     assert resumed.metrics["mlflow_run_id"] == run_id
 
-    losses = _history(resumed_cfg, run_id, "train/loss")
+    losses = metric_history(resumed_cfg.tracking.uri, run_id, "train/loss")
     assert sorted(losses) == list(range(1, 9))
     assert abs(losses[5] - losses[4]) < 0.5 and losses[8] < losses[1], losses  # continued, not restarted
-    lrs = _history(resumed_cfg, run_id, "train/lr")
+    lrs = metric_history(resumed_cfg.tracking.uri, run_id, "train/lr")
     for step in range(5, 9):  # lr logged after the step: the scheduler has already advanced
         expected = resumed_cfg.optim.lr * lr_multiplier(step, kind="cosine", warmup_steps=2, total_steps=8)
         assert lrs[step] == pytest.approx(expected, rel=1e-6, abs=1e-12)

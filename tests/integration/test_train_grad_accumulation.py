@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from models.loss import ClipLoss
 from models.registry import create_model
 from orchestrator.collectives import all_reduce_sum, gather_with_grad
-from orchestrator.contrastive_step import accumulated_step, single_chunk_step
+from orchestrator.train import accumulated_step, single_chunk_step
 from tests.local_servers import free_port
 
 pytestmark = pytest.mark.integration

@@ -16,6 +16,7 @@ from orchestrator.data import (
     DataConfig,
     DataStreamMonitor,
     DecodeAugmentTokenize,
+    StreamProgress,
     decode_image,
     fetch_shard,
     parse_shard,
@@ -80,11 +81,11 @@ def test_shard_order_is_a_seeded_permutation_per_epoch():
 
 def test_plan_resumes_at_position_without_the_completed_shards():
     names = [f"{i:05d}.tar" for i in range(4)]
-    plan = plan_epochs(names, seed=3, epochs=3, position={"epoch": 1, "completed": {"1": ["00002.tar"]}})
+    plan = plan_epochs(names, seed=3, epochs=3, position=StreamProgress(1, {1: frozenset({"00002.tar"})}))
     assert [r["epoch"] for r in plan] == [1, 1, 1, 2, 2, 2, 2]
     assert 2 not in [r["shard_index"] for r in plan if r["epoch"] == 1]
     with pytest.raises(ValueError, match="not in the manifest"):
-        plan_epochs(names, 0, 1, {"epoch": 0, "completed": {"0": ["zz.tar"]}})
+        plan_epochs(names, 0, 1, StreamProgress(0, {0: frozenset({"zz.tar"})}))
 
 
 def _report(yielded, lost=0, truncated=False, skipped=False, errors=None):
@@ -97,10 +98,10 @@ def test_monitor_marks_shards_complete_and_reports_position():
     monitor.record_read(0, 0, _report(10))
     monitor.record_decode_errors({(0, 0): 1})
     monitor.record_consumed({(0, 0): 8})
-    assert monitor.get_position() == {"epoch": 0, "completed": {}}
+    assert monitor.get_position() == StreamProgress(epoch=0)
     monitor.record_consumed({(0, 0): 1})
     monitor.record_read(0, 1, _report(0, lost=10, skipped=True))
-    assert monitor.get_position() == {"epoch": 1, "completed": {}}
+    assert monitor.get_position() == StreamProgress(epoch=1)
     assert monitor.get_counters()["decode_error"] == 1 and monitor.get_counters()["skipped_shards"] == 1
     assert monitor.get_counters()["read_retries"] == 3
 

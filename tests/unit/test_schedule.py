@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from orchestrator.schedule import build_lr_scheduler, lr_multiplier
+from orchestrator.train import build_lr_scheduler, lr_multiplier
 
 WARMUP, TOTAL = 10, 110
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from orchestrator import storage
-from orchestrator.shards import (
+from orchestrator.data import (
     Manifest,
     ManifestError,
     ShardEntry,

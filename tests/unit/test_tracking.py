@@ -1,11 +1,10 @@
-"""Unit tests for orchestrator/tracking.py that need no running MLflow store."""
+"""Unit tests for orchestrator/tracking/ that need no running MLflow store."""
 
 import io
 import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -20,22 +19,14 @@ from orchestrator.tracking import (
     render_accuracy_curve,
     render_confusion_matrix,
 )
+from tests.factories import TrackingSettings as Settings
+from tests.factories import rayclip_records
 
 HTTP_ENV = (
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
     "MLFLOW_HTTP_REQUEST_TIMEOUT",
 )
-
-
-@dataclass
-class Settings:
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "unit"
-    run_name: str | None = None
-    register_model_name: str | None = None
-    log_every_steps: int = 10
-    system_metrics: bool = False
 
 
 def closed_port_uri() -> str:
@@ -73,10 +64,11 @@ def test_param_batches_respect_mlflow_limits():
 
 def test_from_config_reads_every_field():
     cfg = Settings(uri="http://example:5000", experiment="e", run_name="r", register_model_name="m",
-                   log_every_steps=25, system_metrics=True)
+                   log_every_steps=25, system_metrics=True, artifact_location="s3://bucket/artifacts")
     tracker = RunTracker.from_config(cfg)
     assert (tracker.uri, tracker.experiment, tracker.run_name, tracker.register_model_name) == (
         "http://example:5000", "e", "r", "m")
+    assert tracker.artifact_location == "s3://bucket/artifacts"
     assert tracker.system_metrics is True
     assert [s for s in range(0, 60) if tracker.should_log(s)] == [0, 25, 50]
 
@@ -86,17 +78,17 @@ def test_unreachable_server_warns_once_and_every_call_is_a_no_op(monkeypatch, ca
         monkeypatch.delenv(name, raising=False)
     uri = closed_port_uri()
     tracker = RunTracker.from_config(Settings(uri=uri, register_model_name="m", system_metrics=True))
-    caplog.set_level(logging.WARNING, logger="orchestrator.tracking")
-    started = time.monotonic()
-    run_id = tracker.start({"model": {"name": "RN50"}}, "model:\n  name: RN50\n", world_size=2)
-    tracker.log_metrics({"loss": 1.0}, step=0)
-    tracker.log_zero_shot(10, 0.5, 0.9, np.eye(2), ["cat", "dog"])
-    model = tmp_path / "clip.pt"
-    model.write_bytes(b"not used")
-    tracker.finish(str(model))
-    elapsed = time.monotonic() - started
+    with rayclip_records(caplog) as records:
+        started = time.monotonic()
+        run_id = tracker.start({"model": {"name": "RN50"}}, "model:\n  name: RN50\n", world_size=2)
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        tracker.log_zero_shot(10, 0.5, 0.9, np.eye(2), ["cat", "dog"])
+        model = tmp_path / "clip.pt"
+        model.write_bytes(b"not used")
+        tracker.finish(str(model))
+        elapsed = time.monotonic() - started
     assert run_id is None and not tracker.active
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = [r for r in records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert uri in warnings[0].getMessage()
     assert elapsed < 15, f"an unreachable server cost {elapsed:.1f}s"
@@ -153,8 +145,8 @@ def test_a_corrupt_local_store_warns_and_training_goes_on(caplog, tmp_path):
     store = tmp_path / "mlflow.db"
     store.write_bytes(b"this is not a sqlite database" * 100)
     tracker = RunTracker.from_config(Settings(uri=f"sqlite:///{store}"))
-    caplog.set_level(logging.WARNING, logger="orchestrator.tracking")
-    run_id = tracker.start({"optim": {"lr": 1e-3}}, "optim:\n  lr: 0.001\n")
-    tracker.log_metrics({"loss": 1.0}, step=0)
+    with rayclip_records(caplog) as records:
+        run_id = tracker.start({"optim": {"lr": 1e-3}}, "optim:\n  lr: 0.001\n")
+        tracker.log_metrics({"loss": 1.0}, step=0)
     assert run_id is None and not tracker.active
-    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    assert len([r for r in records if r.levelno == logging.WARNING]) == 1

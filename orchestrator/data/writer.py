@@ -8,204 +8,45 @@ Layout of an output folder (local or ``s3://bucket/prefix``)::
     manifest.json        shard names and sample counts (epochs and LR schedules need a length)
     prepare_report.json  every input that could not be read, with the reason
 
-Inputs are lists of :class:`SourceRecord` built by the source readers here (captioned folder, table file,
-Fashion-MNIST). An unreadable image is recorded as a failure and never stops the job.
+Inputs are lists of :class:`~orchestrator.data.sources.SourceRecord` (captioned folder, table file,
+Fashion-MNIST). An unreadable image is recorded as a failure and never stops the job. The driver of
+``jobs/prepare_data.py`` runs :func:`prepare_dataset`; each shard is written by one Ray task.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
-import struct
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 from PIL import Image
 
 from orchestrator import storage
+from orchestrator.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, write_manifest
+from orchestrator.data.sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_HELDOUT_TEMPLATE,
+    FASHION_MNIST_TEMPLATES,
+    TABLE_SUFFIXES,
+    SourceRecord,
+    captioned_folder_records,
+    fashion_mnist_records,
+    table_records,
+)
+from orchestrator.logs import get_logger
 
-MANIFEST_NAME = "manifest.json"
+logger = get_logger("data")
+
 REPORT_NAME = "prepare_report.json"
-MANIFEST_FORMAT = "webdataset-img2dataset"
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """One input sample: an image (local path, ``s3://`` URL or uint8 array), its caption and extra metadata.
-
-    ``source`` names the input in reports (path, URL or ``fashion-mnist/train/123``); ``caption`` is None
-    when the source had none, which makes the record a counted failure rather than a silent skip.
-    """
-
-    image: str | np.ndarray
-    caption: str | None
-    source: str
-    meta: dict = field(default_factory=dict)
-
-
-FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-
-
-def captioned_folder_records(root: str) -> list[SourceRecord]:
-    """Every image under ``root`` with the first line of ``NAME.txt`` beside it as caption (Tux Paint's layout)."""
-    base = Path(root)
-    if not base.is_dir():
-        raise FileNotFoundError(f"captioned folder {root} does not exist")
-    records = []
-    for image_path in sorted(p for p in base.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES):
-        caption_path = image_path.with_suffix(".txt")
-        caption = None
-        if caption_path.is_file():
-            lines = caption_path.read_text(encoding="utf-8", errors="replace").splitlines()
-            caption = lines[0].strip() if lines and lines[0].strip() else None
-        records.append(SourceRecord(str(image_path), caption, str(image_path.relative_to(base))))
-    return records
-
-
-def _read_table(raw: bytes, suffix: str) -> pa.Table:
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-
-    if suffix == ".csv":
-        return pacsv.read_csv(pa.BufferReader(raw))
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return pajson.read_json(pa.BufferReader(raw))
-    if suffix == ".parquet":
-        return pq.read_table(pa.BufferReader(raw))
-    raise ValueError(f"table file must end in .csv, .jsonl or .parquet, got {suffix!r}")
-
-
-def table_records(table_url: str, *, image_column: str = "image", caption_column: str = "caption",
-                  endpoint_url: str | None = None) -> list[SourceRecord]:
-    """Rows of a CSV / JSONL / Parquet table naming an image (relative paths are relative to the table)."""
-    location = storage.resolve(table_url, endpoint_url)
-    table = _read_table(storage.read_bytes(location), Path(location.path).suffix.lower())
-    for role, column in (("image_column", image_column), ("caption_column", caption_column)):
-        if column not in table.column_names:
-            raise ValueError(f"{role}={column!r} is not a column of {table_url}; columns: {table.column_names}")
-    folder = location.url.rsplit("/", 1)[0]
-    records = []
-    for row_number, row in enumerate(table.to_pylist()):
-        image = str(row[image_column])
-        if not image.startswith("s3://") and not image.startswith("/"):
-            image = f"{folder}/{image}"
-        caption = row[caption_column]
-        meta = {k: v for k, v in row.items() if k not in (image_column, caption_column)}
-        records.append(SourceRecord(image, str(caption) if caption else None, f"{table_url}#{row_number}", meta))
-    return records
-
-
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
-                         "sandal", "shirt", "sneaker", "bag", "ankle boot")
-FASHION_MNIST_TEMPLATES = ("a picture of a {}.", "an image of a {}.", "a photo of the {}.",
-                           "a black and white photo of a {}.", "a low resolution photo of a {}.",
-                           "a small photo of a {}.", "a {}.")
-FASHION_MNIST_HELDOUT_TEMPLATE = "a photo of a {}."
-
-
-def read_idx(path: str) -> np.ndarray:
-    """Read a gzipped IDX file (the MNIST family's format): big-endian dims then uint8 values."""
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
-    magic, = struct.unpack(">I", raw[:4])
-    if magic >> 8 != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file (magic {magic:#x})")
-    ndim = magic & 0xFF
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def fashion_mnist_records(split: str, *, root: str = FASHION_MNIST_DIR,
-                          templates: Sequence[str] = FASHION_MNIST_TEMPLATES, seed: int = 0) -> list[SourceRecord]:
-    """Fashion-MNIST ``train`` or ``test`` images captioned by a template (picked per image from ``seed``)."""
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not templates or any("{}" not in template for template in templates):
-        raise ValueError(f"templates must be non-empty and each contain '{{}}', got {list(templates)}")
-    images = read_idx(f"{root}/{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(f"{root}/{prefix}-labels-idx1-ubyte.gz")
-    choice = np.random.default_rng(seed).integers(0, len(templates), size=len(labels))
-    return [
-        SourceRecord(images[i], templates[choice[i]].format(FASHION_MNIST_CLASSES[labels[i]]),
-                     f"fashion-mnist/{split}/{i}", {"label": int(labels[i])})
-        for i in range(len(labels))
-    ]
-
-
-@dataclass(frozen=True)
-class ShardEntry:
-    name: str
-    samples: int
-    failed: int = 0
-
-
-@dataclass
-class Manifest:
-    """The dataset's table of contents: shard names and sample counts (plus source-specific ``extra``)."""
-
-    shards: list[ShardEntry]
-    image_format: str = "jpg"
-    max_side: int | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def total_samples(self) -> int:
-        return sum(shard.samples for shard in self.shards)
-
-    @property
-    def total_failed(self) -> int:
-        return sum(shard.failed for shard in self.shards)
-
-
-class ManifestError(ValueError):
-    """The manifest is missing, unreadable or inconsistent; the message names the file and the field."""
-
-
-def write_manifest(location: storage.Location, manifest: Manifest) -> None:
-    body = {"format": MANIFEST_FORMAT, "version": 1, "total_samples": manifest.total_samples,
-            "total_failed": manifest.total_failed, **asdict(manifest)}
-    storage.write_bytes(location, json.dumps(body, indent=1).encode("utf-8"))
-
-
-def parse_manifest(raw: bytes, where: str) -> Manifest:
-    """Validate a manifest's JSON; every problem is reported with the file and the offending field."""
-    try:
-        body = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{where} is not valid JSON: {error}") from error
-    if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{where}: field 'format' must be {MANIFEST_FORMAT!r}")
-    shards = body.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise ManifestError(f"{where}: field 'shards' must be a non-empty list")
-    entries = []
-    for index, shard in enumerate(shards):
-        name = shard.get("name") if isinstance(shard, dict) else None
-        samples = shard.get("samples") if isinstance(shard, dict) else None
-        if not isinstance(name, str) or not name.endswith(".tar"):
-            raise ManifestError(f"{where}: shards[{index}].name must be a '.tar' file name, got {name!r}")
-        if not isinstance(samples, int) or samples < 0:
-            raise ManifestError(f"{where}: shards[{index}].samples must be a count >= 0, got {samples!r}")
-        entries.append(ShardEntry(name, samples, int(shard.get("failed", 0))))
-    if len({entry.name for entry in entries}) != len(entries):
-        raise ManifestError(f"{where}: field 'shards' lists a shard name twice")
-    manifest = Manifest(entries, body.get("image_format", "jpg"), body.get("max_side"), body.get("extra", {}))
-    if "total_samples" in body and body["total_samples"] != manifest.total_samples:
-        raise ManifestError(f"{where}: total_samples={body['total_samples']} but the shards sum to "
-                            f"{manifest.total_samples}")
-    return manifest
 
 
 @dataclass(frozen=True)
@@ -352,16 +193,26 @@ def write_shard(output_url: str, endpoint_url: str | None, shard_index: int,
     return ShardResult(f"{name}.tar", samples, len(failures), failures)
 
 
-def print_progress(done: int, total: int, samples: int, failed: int) -> None:
-    print(f"shards {done}/{total}  samples {samples}  failed {failed}", file=sys.stderr, flush=True)
+class ShardProgress:
+    """The default progress report of :func:`prepare_shards`: one line per finished shard, with an ETA."""
+
+    def __init__(self, output_url: str):
+        self.output_url, self.started = output_url, time.monotonic()
+
+    def __call__(self, done: int, total: int, samples: int, failed: int) -> None:
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / done * (total - done) if done else 0.0
+        logger.info("%s: shard %d/%d, %d samples written, %d failed, %.0f s elapsed, ETA %.0f s",
+                    self.output_url, done, total, samples, failed, elapsed, eta)
 
 
 def prepare_shards(records: Sequence[SourceRecord], output_url: str, options: ShardOptions, *,
                    endpoint_url: str | None = None, workers: int = 2, extra: dict | None = None,
-                   progress: Callable[[int, int, int, int], None] = print_progress) -> Manifest:
+                   progress: Callable[[int, int, int, int], None] | None = None) -> Manifest:
     """Write all shards with at most ``workers`` Ray tasks in flight, then the manifest and the report.
 
-    Ray must already be initialised (the caller decides: local or a cluster address).
+    Ray must already be initialised (the caller decides: local or a cluster address). ``progress`` is
+    called after each shard with (done, total, samples, failed); by default it logs a line with an ETA.
     """
     import ray
 
@@ -371,6 +222,7 @@ def prepare_shards(records: Sequence[SourceRecord], output_url: str, options: Sh
         raise ValueError(f"workers must be positive, got {workers}")
     output = storage.resolve(output_url, endpoint_url)
     storage.ensure_folder(output, create=True)
+    progress = progress or ShardProgress(output.url)
     remote_write = ray.remote(num_cpus=1, max_retries=2)(write_shard)
     groups = [records[start:start + options.shard_size] for start in range(0, len(records), options.shard_size)]
     pending, results, next_group = {}, {}, 0
@@ -415,9 +267,6 @@ def prepare_fashion_mnist(output_url: str, options: ShardOptions, *, templates: 
     heldout_manifest = prepare_shards(test, f"{output_url.rstrip('/')}/heldout", options,
                                       extra={**common, "template": heldout_template}, **prepare_args)
     return train_manifest, heldout_manifest
-
-
-TABLE_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson", ".parquet")
 
 
 def prepare_dataset(input_spec: str, output_url: str, options: ShardOptions, *, endpoint_url: str | None = None,

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from models.registry import create_model
-from orchestrator.checkpoint import TrainState
+from orchestrator.train import TrainState
 from orchestrator.collectives import all_reduce_sum, gather_with_grad
 from orchestrator.config import load_config
-from orchestrator.contrastive_step import accumulated_step, single_chunk_step
-from orchestrator.train_loop import NonFiniteLossError, StepResult, Worker, _count_nonfinite
+from orchestrator.train import accumulated_step, single_chunk_step
+from orchestrator.train import NonFiniteLossError, StepResult, Worker, count_nonfinite
 
-pytestmark = pytest.mark.integration
 
 
 def _batch(poison: bool):
@@ -40,8 +39,8 @@ def test_consecutive_nonfinite_steps_abort_with_advice():
     cfg = load_config(overrides=["loss.max_nonfinite_in_row=3"])
     worker = Worker(cfg, rank=0, world_size=1, engine=None, state=TrainState(step=7))
     bad = StepResult(torch.tensor(float("nan")), False)
-    _count_nonfinite(worker, bad)
-    _count_nonfinite(worker, bad)
+    count_nonfinite(worker, bad)
+    count_nonfinite(worker, bad)
     with pytest.raises(NonFiniteLossError, match="loss.max_nonfinite_in_row=3.*optim.lr"):
-        _count_nonfinite(worker, bad)
+        count_nonfinite(worker, bad)
     assert worker.state.nonfinite_steps == 3

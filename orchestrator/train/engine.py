@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
 
-from models.clip import CLIP, weight_decay_groups
+from models import CLIP, weight_decay_groups
 from orchestrator.config import RunConfig
-from orchestrator.schedule import build_lr_scheduler
+from orchestrator.train.schedule import build_lr_scheduler
 
 # Modules whose gradients DeepSpeed may reduce in bf16 under autocast (their matmuls run in bf16 anyway).
 BF16_SAFE_MODULES = ["torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv2d", "models.transformer.SelfAttention"]
@@ -79,9 +80,13 @@ def build_engine(cfg: RunConfig, model: CLIP, world_size: int, *, load_universal
     """``deepspeed.initialize`` with our optimizer groups and schedule; returns the engine.
 
     ``load_universal``: the engine will load a universal checkpoint (one converted for another worker
-    count, see ``orchestrator.checkpoint``).
+    count, see ``orchestrator.train.checkpoint``).
     """
     import deepspeed
+
+    # DeepSpeed's ZeRO steps call torch.distributed's old all-gather name, which warns on every step.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.all_gather_into_tensor. is deprecated",
+                            category=FutureWarning)
 
     def scheduler(optimizer):
         return build_lr_scheduler(
@@ -101,31 +106,3 @@ def build_engine(cfg: RunConfig, model: CLIP, world_size: int, *, load_universal
     if cfg.model.compile:
         engine.compile()  # compiles the module's forward in place: state-dict keys and checkpoints unchanged
     return engine
-
-
-def clamp_logit_scale(engine, max_logit_scale: float) -> None:
-    """Clamp the stored log-temperature to [0, log(max)] in the optimizer's master copy too.
-
-    Under ZeRO the fp32 master weights live in the optimizer's flat partitions, so clamping
-    ``module.logit_scale`` alone would be overwritten by the next step. ZeRO 1/2: DeepSpeed's
-    ``safe_*_full_fp32_param`` reassemble and scatter the master value (collective). ZeRO-3: the
-    1-element parameter is partitioned (DeepSpeed's full setter fails on its padded partition), so each
-    rank clamps its own master and parameter partitions in place. Without ZeRO the optimizer updates
-    the parameter itself. Every rank calls this.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param
-
-    parameter = engine.module.logit_scale
-    if not parameter.requires_grad:
-        return
-    upper = math.log(max_logit_scale)
-    with torch.no_grad():
-        if hasattr(parameter, "ds_tensor"):  # ZeRO-3
-            safe_get_local_fp32_param(parameter).clamp_(0.0, upper)  # a view into the master partition
-            parameter.ds_tensor.clamp_(0.0, upper)
-            return
-        master = safe_get_full_fp32_param(parameter)
-        if master is None:
-            parameter.clamp_(0.0, upper)
-        elif not torch.equal(master.clamp(0.0, upper), master):
-            safe_set_full_fp32_param(parameter, master.clamp(0.0, upper))

@@ -10,7 +10,6 @@ the job, so a multi-day run never dies because MLflow went down.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import tempfile
@@ -23,18 +22,18 @@ from typing import Any, Protocol
 
 import numpy as np
 import requests
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
-logger = logging.getLogger(__name__)
+from orchestrator.logs import drop_records, get_logger
+from orchestrator.tracking.experiments import default_artifact_location, ensure_experiment
+from orchestrator.tracking.params import flatten_config, param_batches, truncate
+from orchestrator.tracking.plots import render_accuracy_curve, render_confusion_matrix
 
-MAX_PARAM_VALUE_CHARS = 6000  # MLflow rejects longer param values
-MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
-_TRUNCATION_MARK = "...[truncated]"
+logger = get_logger("tracking")
+
 # MLflow's defaults (7 retries, 120 s timeout) make a dead server cost minutes per call. These
 # defaults still retry a blip but give up in seconds; an operator's own env settings win.
 _HTTP_ENV_DEFAULTS = {
@@ -46,7 +45,6 @@ _HEALTH_PROBE_TIMEOUT_S = 5.0
 # SQLAlchemyError: a local sqlite store left half-created by a killed run fails with it, not MlflowException.
 _TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError, SQLAlchemyError)
 _RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
-_CONFUSION_TICK_LABEL_LIMIT = 40  # above this many classes tick labels are unreadable
 
 
 class TrackingSettings(Protocol):
@@ -58,37 +56,7 @@ class TrackingSettings(Protocol):
     register_model_name: str | None
     log_every_steps: int
     system_metrics: bool
-
-
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten a nested config into MLflow params: {"optim": {"lr": 3e-4}} -> {"optim.lr": "0.0003"}.
-
-    Dotted keys match the `--set optim.lr=...` override syntax, so a param copied from the UI is a
-    valid override. Lists stay whole (one param) because their order is their meaning.
-    """
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_config(value, prefix=f"{name}."))
-        else:
-            flat[name] = str(value)
-    return flat
-
-
-def param_batches(params: Mapping[str, str]) -> list[list[Param]]:
-    """Split params into log_batch-sized chunks, truncating values MLflow would reject.
-
-    The full value of a truncated param survives in the `config.yaml` artifact.
-    """
-    entries = [Param(key, _truncate(value)) for key, value in sorted(params.items())]
-    return [entries[i : i + MAX_PARAMS_PER_BATCH] for i in range(0, len(entries), MAX_PARAMS_PER_BATCH)]
-
-
-def _truncate(value: str) -> str:
-    if len(value) <= MAX_PARAM_VALUE_CHARS:
-        return value
-    return value[: MAX_PARAM_VALUE_CHARS - len(_TRUNCATION_MARK)] + _TRUNCATION_MARK
+    artifact_location: str | None
 
 
 def _probe_http(uri: str, timeout_s: float) -> None:
@@ -119,8 +87,10 @@ class RunTracker:
         log_every_steps: int = 1,
         system_metrics: bool = False,
         system_metrics_interval_s: float = 10.0,
+        artifact_location: str | None = None,
     ) -> None:
         self.uri = uri
+        self.artifact_location = artifact_location
         self.experiment = experiment
         self.run_name = run_name
         self.register_model_name = register_model_name
@@ -147,6 +117,7 @@ class RunTracker:
             register_model_name=tracking_cfg.register_model_name,
             log_every_steps=tracking_cfg.log_every_steps,
             system_metrics=tracking_cfg.system_metrics,
+            artifact_location=tracking_cfg.artifact_location,
         )
         return cls(**{**fields, **overrides})
 
@@ -198,6 +169,8 @@ class RunTracker:
         with self._guarded(f"start a run in experiment {self.experiment!r}"):
             if self.uri.startswith(("http://", "https://")):
                 _probe_http(self.uri, _HEALTH_PROBE_TIMEOUT_S)
+            # A new local store announces its table creation and migrations: routine, not news.
+            drop_records("mlflow.store.db.utils", "Creating initial MLflow database tables", "Updating database tables")
             self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
             run_tags = _run_tags(config_dict, world_size, tags)
             resumed = resume_run_id is not None and self._reopen(resume_run_id)
@@ -215,15 +188,8 @@ class RunTracker:
         self.run_id = run.info.run_id
 
     def _experiment_id(self) -> str:
-        existing = self._client.get_experiment_by_name(self.experiment)
-        if existing is not None:
-            return existing.experiment_id
-        try:
-            return self._client.create_experiment(self.experiment)
-        except MlflowException as exc:  # another job created it between the two calls
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return self._client.get_experiment_by_name(self.experiment).experiment_id
+        location = self.artifact_location or default_artifact_location(self.uri)
+        return ensure_experiment(self._client, self.experiment, location)
 
     def _reopen(self, run_id: str) -> bool:
         """Mark an earlier run RUNNING again; False (and a new run) if this store never had it."""
@@ -253,7 +219,7 @@ class RunTracker:
 
     def _new_params(self, params: dict[str, str]) -> dict[str, str]:
         logged = self._client.get_run(self.run_id).data.params
-        changed = sorted(k for k in params.keys() & logged.keys() if _truncate(params[k]) != logged[k])
+        changed = sorted(k for k in params.keys() & logged.keys() if truncate(params[k]) != logged[k])
         if changed:
             logger.warning(
                 "Resumed MLflow run %s keeps its original values for changed params %s; "
@@ -400,39 +366,3 @@ def _run_tags(
     return tags
 
 
-def render_confusion_matrix(confusion: np.ndarray, class_names: list[str], step: int) -> Figure:
-    """Draw the confusion matrix row-normalised (each true class sums to 1), so rare classes show."""
-    rows = confusion.sum(axis=1, keepdims=True)
-    normalised = np.divide(confusion, rows, out=np.zeros(confusion.shape, dtype=float), where=rows > 0)
-    size = min(4 + 0.35 * len(class_names), 20)
-    fig = Figure(figsize=(size, size))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    image = ax.imshow(normalised, vmin=0.0, vmax=1.0, cmap="Blues")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    if len(class_names) <= _CONFUSION_TICK_LABEL_LIMIT:
-        ticks = np.arange(len(class_names))
-        ax.set_xticks(ticks, labels=class_names, rotation=90)
-        ax.set_yticks(ticks, labels=class_names)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(f"zero-shot confusion, step {step}")
-    fig.tight_layout()
-    return fig
-
-
-def render_accuracy_curve(history: list[tuple[int, float, float]]) -> Figure:
-    """Draw zero-shot top-1/top-5 accuracy against training step."""
-    steps, top1, top5 = zip(*sorted(history)) if history else ((), (), ())
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(steps, top1, marker="o", label="top-1")
-    ax.plot(steps, top5, marker="s", label="top-5")
-    ax.set_xlabel("step")
-    ax.set_ylabel("zero-shot accuracy")
-    ax.set_ylim(bottom=0.0)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig

@@ -11,26 +11,20 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs as pafs
+from orchestrator import runs
+from orchestrator.config import ConfigError, RunConfig, in_ray_job_copy
+from orchestrator.data import open_shard_set
+from orchestrator.logs import drop_records
+from orchestrator.storage import StorageError
+from orchestrator.train.checkpoint import EXPORT_FILE
+from orchestrator.train.controller_datasets import build_datasets
+from orchestrator.train.worker_loop import train_loop_per_worker
 
-from orchestrator.checkpoint_storage import s3_checkpoint_filesystem
-from orchestrator.config import ConfigError, RunConfig
-from orchestrator.storage import default_region
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # written by Ray Train v2 beside the checkpoints
-
-
-@dataclass(frozen=True)
-class StorageTarget:
-    """Where Ray Train writes: a filesystem and the path inside it (bucket/prefix for S3)."""
-
-    filesystem: pafs.FileSystem | None
-    path: str
-    url: str
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# DeepSpeed JIT-builds its CPU communication op once (60-90 s) into this cache, shared by every checkout.
+DEFAULT_EXTENSIONS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rayclip" / "torch_extensions"
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -48,50 +42,39 @@ def init_ray(cfg: RunConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING")
         return
+    # A local cluster gets token auth by default since Ray 2.59, and says so on every start.
+    drop_records("ray._private.authentication.authentication_token_setup", "Token authentication is enabled for this")
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.decode_concurrency + 1
     ray.init(
         num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
         logging_level="WARNING",
-        runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+        # Ray Data's per-dataset INFO lines (execution plans, log folders) are for debugging, not for a run's output.
+        runtime_env={"env_vars": {"PYTHONPATH": python_path, "RAY_DATA_LOG_LEVEL": "WARNING"},
+                     "worker_process_setup_hook": "orchestrator.logs.quiet_ray_process"},
     )
-
-
-def storage_target(cfg: RunConfig) -> StorageTarget:
-    """The configured storage path as Ray Train wants it (an explicit S3 filesystem for custom endpoints)."""
-    url = cfg.checkpoint.storage_path
-    if not url.startswith("s3://"):
-        return StorageTarget(None, url, url)
-    path = url.removeprefix("s3://").strip("/")
-    # The driver's region travels with the filesystem, so every worker node writes to the same one.
-    filesystem = s3_checkpoint_filesystem(cfg.checkpoint.s3_endpoint_url, default_region())
-    return StorageTarget(filesystem, path, url)
-
-
-def _run_exists(target: StorageTarget, name: str) -> bool:
-    filesystem = target.filesystem or pafs.LocalFileSystem()
-    snapshot = f"{target.path.rstrip('/')}/{name}/{RUN_SNAPSHOT}"
-    return filesystem.get_file_info(snapshot).type != pafs.FileType.NotFound
 
 
 def name_run(cfg: RunConfig, resume: str | None = None) -> RunConfig:
     """A fresh run gets ``<name>-<UTC timestamp>``; ``resume`` must name a run with a checkpoint in storage."""
-    target = storage_target(cfg)
     if resume is None:
-        name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    elif not _run_exists(target, resume):
+        return cfg.model_copy(update={"name": f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"})
+    run = runs.run_location(cfg.checkpoint.storage_path, cfg.checkpoint.s3_endpoint_url, resume)
+    if not runs.run_exists(run):
         raise ConfigError(
-            f"--resume {resume!r}: no run with a checkpoint at {target.url.rstrip('/')}/{resume} "
+            f"--resume {resume!r}: no run with a checkpoint at {run.url} "
             "(check checkpoint.storage_path and the run name printed by the first job)"
         )
-    else:
-        name = resume
-    return cfg.model_copy(update={"name": name})
+    return cfg.model_copy(update={"name": resume})
 
 
 def worker_environment(cfg: RunConfig) -> dict[str, str]:
     """Environment of every training worker: DeepSpeed's accelerator and its JIT-extension cache."""
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))}
+    env = {
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR)),
+        # Ray Train re-routes a worker's print() through its loggers and also prints it: every line twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # never probe for CUDA on CPU workers
     return env
@@ -100,22 +83,23 @@ def worker_environment(cfg: RunConfig) -> dict[str, str]:
 def build_trainer(cfg: RunConfig, datasets: dict | None = None):
     """A ``TorchTrainer`` running ``train_loop_per_worker`` on the configured workers.
 
-    ``datasets`` defaults to the configured shard stream (``orchestrator.data``); the config travels
-    to workers as a plain dict.
+    ``datasets`` defaults to the configured shard stream, rebuilt by Ray Train's controller at every
+    worker-group start (``orchestrator.train.controller_datasets``); the config travels to workers as a
+    plain dict.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.train_loop import train_loop_per_worker
-
-    target = storage_target(cfg)
+    root = runs.storage_root(cfg.checkpoint.storage_path, cfg.checkpoint.s3_endpoint_url)
     run_config = ray.train.RunConfig(
         name=cfg.name,
-        storage_path=target.path,
-        storage_filesystem=target.filesystem,
+        storage_path=root.path,
+        storage_filesystem=root.fs if root.is_s3 else None,
         failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         worker_runtime_env={"env_vars": worker_environment(cfg)},
+        # Ray Train's INFO lines (worker-group starts, every reported checkpoint) would bury rayclip's own.
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
     )
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.extra_resources}
     if cfg.scaling.use_gpu:
@@ -133,24 +117,28 @@ def build_trainer(cfg: RunConfig, datasets: dict | None = None):
         run_config=run_config,
         # Ray Train's default split (equal=True): every worker gets the same number of rows, which the
         # per-step collectives need; it drops at most num_workers - 1 rows of the whole stream.
-        datasets=datasets if datasets is not None else training_datasets(cfg),
+        datasets=datasets if datasets is not None else build_datasets(cfg),
     )
 
 
-def training_datasets(cfg: RunConfig) -> dict:
-    """The ``train`` Ray Dataset of the configured shards (built lazily by Ray Data)."""
-    from orchestrator.training_data import build_datasets
-
-    return build_datasets(cfg)
-
-
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail before any Ray time if the shards (or the held-out split for evaluation) cannot be opened."""
-    from orchestrator.data import open_shard_set
+    """Fail before any Ray time if the shards (or the held-out split for evaluation) cannot be opened.
 
-    open_shard_set(cfg.data.shards, cfg.data.s3_endpoint_url)
+    Raises :class:`ConfigError` naming the field; under ``ray job submit --working-dir`` a local path
+    that resolved into Ray's temporary copy of the directory (where ``data/`` is not shipped) says so.
+    """
+    inputs = {"data.shards": cfg.data.shards}
     if cfg.eval.enabled:
-        open_shard_set(cfg.data.heldout_url, cfg.data.s3_endpoint_url)
+        inputs["data.heldout"] = cfg.data.heldout_url
+    for field, url in inputs.items():
+        try:
+            open_shard_set(url, cfg.data.s3_endpoint_url)
+        except (StorageError, OSError, ValueError) as error:
+            hint = ""
+            if in_ray_job_copy() and not url.startswith("s3://"):
+                hint = (f" (a job of `ray job submit --working-dir` runs in a temporary copy that holds no data: "
+                        f"pass the shards' absolute path or an s3:// URL, e.g. --set {field}=/abs/path)")
+            raise ConfigError(f"{field}={url!r}: {error}{hint}") from None
 
 
 def mlflow_ui_command(cfg: RunConfig) -> str:
@@ -163,8 +151,6 @@ def mlflow_ui_command(cfg: RunConfig) -> str:
 
 def describe_result(cfg: RunConfig, result) -> str:
     """What a finished job prints: where the model, checkpoints and MLflow run are, and the accuracy."""
-    from orchestrator.checkpoint import EXPORT_FILE
-
     metrics = result.metrics or {}
     checkpoint = result.checkpoint.path if result.checkpoint else None
     lines = [
@@ -174,6 +160,8 @@ def describe_result(cfg: RunConfig, result) -> str:
         f"MLflow: experiment {cfg.tracking.experiment!r}, run {metrics.get('mlflow_run_id')} at {cfg.tracking.uri}",
         f"MLflow UI: {mlflow_ui_command(cfg)}",
     ]
+    if cfg.tracking.register_model_name:
+        lines.append(f"MLflow model registry: {cfg.tracking.register_model_name!r} (a new version per finished run)")
     loss = metrics.get("train/loss", (metrics.get("train") or {}).get("loss"))  # Ray may nest "a/b" keys
     if loss is not None:
         lines.append(f"final train loss: {loss:.4f}")

@@ -34,6 +34,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from orchestrator.data import DataPosition
+from orchestrator.logs import get_logger
+from orchestrator.runs import checkpoint_dir_name
+
+logger = get_logger("train")
+
 DEEPSPEED_TAG = "ds"
 UNIVERSAL_TAG = "universal"  # a checkpoint converted for another worker count, in a scratch folder
 STATE_FILE = "train_state.json"
@@ -52,17 +58,21 @@ class TrainState:
     """Steps skipped because the loss was NaN/inf, over the whole run."""
     nonfinite_in_row: int = 0
     """Consecutive skipped steps right now."""
-    data_position: dict[str, Any] = field(default_factory=dict)
-    """The data stream's resumable position (opaque here, owned by ``orchestrator.data``)."""
+    data_position: DataPosition = field(default_factory=DataPosition)
+    """The data stream's resumable position (``orchestrator.data.DataPosition``)."""
     mlflow_run_id: str | None = None
     """The MLflow run this job logs to, so a resumed job continues the same run."""
     world_size: int = 1
     """Workers that wrote the checkpoint (ZeRO partitions are per rank)."""
 
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "data_position": self.data_position.to_json()}
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainState":
+    def from_json(cls, data: dict[str, Any]) -> "TrainState":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known}
+        return cls(**{**fields, "data_position": DataPosition.from_json(fields.get("data_position"))})
 
 
 def _rng_file(rank: int) -> str:
@@ -92,7 +102,7 @@ def write_local_checkpoint(engine, state: TrainState, rank: int, directory: str)
     torch.save(_capture_rng(), rng_path)
     if rank == 0:
         with open(os.path.join(directory, STATE_FILE), "w") as handle:
-            json.dump(dataclasses.asdict(state), handle)
+            json.dump(state.to_json(), handle)
 
 
 def save_and_report(engine, state: TrainState, rank: int, metrics: dict[str, Any], extra_files=None) -> None:
@@ -112,28 +122,36 @@ def save_and_report(engine, state: TrainState, rank: int, metrics: dict[str, Any
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"checkpoint_step_{state.step:08d}",
+            checkpoint_dir_name=checkpoint_dir_name(state.step),
         )
+        if rank == 0:
+            saved = ray.train.get_checkpoint()
+            logger.info("step %d: checkpoint saved to %s", state.step, saved.path if saved else directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def read_state(filesystem, path: str) -> TrainState:
+    """The train state stored in the checkpoint folder ``path`` of ``filesystem`` (a pyarrow filesystem);
+    reads that one small file, not the whole checkpoint."""
+    with filesystem.open_input_stream(f"{path.rstrip('/')}/{STATE_FILE}") as handle:
+        return TrainState.from_json(json.loads(handle.read()))
+
+
 def saved_state(checkpoint) -> TrainState:
-    """The train state stored in a Ray Train checkpoint (to see, before building the engine, how many
-    workers wrote it); reads that one small file, not the whole checkpoint."""
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{STATE_FILE}") as handle:
-        return TrainState.from_dict(json.loads(handle.read()))
+    """The train state of a Ray Train checkpoint (to see, before building the engine, how many workers wrote it)."""
+    return read_state(checkpoint.filesystem, checkpoint.path)
 
 
 def restore(engine, checkpoint, rank: int, world_size: int, local_rank: int = 0) -> TrainState:
     """Load model, optimizer, scheduler, RNG and the train state from a Ray Train checkpoint.
 
     A checkpoint of another worker count needs an engine built with ``load_universal=True``
-    (``orchestrator.engine.build_engine``); every rank calls this (collective).
+    (``orchestrator.train.engine.build_engine``); every rank calls this (collective).
     """
     with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, STATE_FILE)) as handle:
-            state = TrainState.from_dict(json.load(handle))
+            state = TrainState.from_json(json.load(handle))
         if state.world_size == world_size:
             load_dir, tag = directory, DEEPSPEED_TAG
         else:
@@ -150,9 +168,8 @@ def restore(engine, checkpoint, rank: int, world_size: int, local_rank: int = 0)
         if local_rank == 0:
             shutil.rmtree(load_dir, ignore_errors=True)
         if rank == 0:
-            print(f"[rayclip] checkpoint of {state.world_size} workers resumed on {world_size} "
-                  "(converted to DeepSpeed's universal layout); the global batch changes with the worker count",
-                  flush=True)
+            logger.info("checkpoint of %d workers resumed on %d (converted to DeepSpeed's universal layout); "
+                        "the global batch changes with the worker count", state.world_size, world_size)
         state.world_size = world_size
     return state
 

@@ -12,6 +12,7 @@ config, so nothing depends on the driver's globals.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 import time
@@ -20,13 +21,18 @@ from typing import Any
 
 import torch
 
-from orchestrator import checkpoint as checkpoints
+from models import get_tokenizer
 from orchestrator.collectives import all_reduce_sum, gather_with_grad
 from orchestrator.config import RunConfig
-from orchestrator.contrastive_step import StepResult, accumulated_step, single_chunk_step
-from orchestrator.engine import build_engine, build_model, clamp_logit_scale
-from orchestrator.evaluation import LabelledImages, ZeroShotResult, evaluate_zero_shot
-from orchestrator.training_data import TrainBatches, load_eval_set, tokenizer_for
+from orchestrator.eval import LabelledImages, ZeroShotResult, evaluate_zero_shot, load_eval_set
+from orchestrator.logs import drop_records, get_logger, setup_logging, without_printed_lines
+from orchestrator.train import checkpoint as checkpoints
+from orchestrator.train.engine import build_engine, build_model
+from orchestrator.train.parameters import clamp_logit_scale, current_logit_scale, export_openai_state_dict
+from orchestrator.train.step import StepResult, accumulated_step, single_chunk_step
+from orchestrator.train.worker_batches import TrainBatches
+
+logger = get_logger("train")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,10 +72,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
 
+    setup_logging()
     cfg = RunConfig.from_dict(config["run"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    # Loading DeepSpeed's CPU comm op: torch says it found no CUDA (true on a CPU worker), DeepSpeed prints a status.
+    drop_records("torch.utils.cpp_extension", "No CUDA runtime is found")
+    # Ray Train 2.60 logs every report on a logger named by its source file, outside the ``ray.train`` tree
+    # that its LoggingConfig(log_level) governs; the checkpoint line rayclip prints says the same once.
+    drop_records(importlib.util.find_spec("ray.train.v2._internal.execution.context").origin, "Reporting training result")
+    with without_printed_lines("DeepSpeed deepspeed.ops.comm."):
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
     checkpoint = ray.train.get_checkpoint()
     resized = checkpoint is not None and checkpoints.saved_state(checkpoint).world_size != world_size
     engine = build_engine(cfg, build_model(cfg), world_size, load_universal=resized)
@@ -93,7 +106,7 @@ def _restore_or_start(cfg: RunConfig, engine, checkpoint, rank: int, local_rank:
         return checkpoints.TrainState(world_size=world_size)
     state = checkpoints.restore(engine, checkpoint, rank, world_size, local_rank)
     if rank == 0:
-        print(f"[rayclip] resumed from {checkpoint.path} at step {state.step}", flush=True)
+        logger.info("resumed from %s at step %d", checkpoint.path, state.step)
     return state
 
 
@@ -101,7 +114,7 @@ def _start_tracking(worker: Worker):
     """Rank 0 opens (or, after a restart, reopens) the MLflow run; its id goes into every checkpoint."""
     if not worker.is_chief:
         return None
-    from orchestrator.tracking import RunTracker
+    from orchestrator.tracking import RunTracker  # mlflow only where it is used: GPU check machines lack it
 
     cfg = worker.cfg
     tracker = RunTracker.from_config(cfg.tracking)
@@ -123,11 +136,11 @@ def _train(worker: Worker) -> None:
     for images, tokens in batches:
         if state.step >= worker.stop_step:
             break
-        result = _optimizer_step(worker, images, tokens)
+        result = optimizer_step(worker, images, tokens)
         state.samples_seen += global_batch
         window_samples += global_batch
         if not result.finite:
-            _count_nonfinite(worker, result)
+            count_nonfinite(worker, result)
             continue
         state.step += 1
         state.nonfinite_in_row = 0
@@ -138,16 +151,16 @@ def _train(worker: Worker) -> None:
         if state.step >= worker.stop_step:
             break
         if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
-            _evaluate(worker)
+            evaluate(worker)
         if state.step % cfg.checkpoint.every_steps == 0:
             state.data_position = batches.position()
             checkpoints.save_and_report(worker.engine, state, worker.rank, _report_metrics(worker))
     if state.step < worker.stop_step and worker.is_chief:
-        print(f"[rayclip] the data stream ended at step {state.step} of {worker.stop_step}", flush=True)
+        logger.warning("the data stream ended at step %d of %d", state.step, worker.stop_step)
     state.data_position = batches.position()
 
 
-def _optimizer_step(worker: Worker, images: torch.Tensor, tokens: torch.Tensor) -> StepResult:
+def optimizer_step(worker: Worker, images: torch.Tensor, tokens: torch.Tensor) -> StepResult:
     """One optimizer step's forward/backward (exact accumulation over chunks) and DeepSpeed step."""
     engine = worker.engine
 
@@ -166,12 +179,12 @@ def _optimizer_step(worker: Worker, images: torch.Tensor, tokens: torch.Tensor) 
     return result
 
 
-def _count_nonfinite(worker: Worker, result: StepResult) -> None:
+def count_nonfinite(worker: Worker, result: StepResult) -> None:
     state, limit = worker.state, worker.cfg.loss.max_nonfinite_in_row
     state.nonfinite_steps += 1
     state.nonfinite_in_row += 1
     if worker.is_chief:
-        print(f"[rayclip] step {state.step + 1}: loss {float(result.loss)} is not finite; step skipped", flush=True)
+        logger.warning("step %d: loss %s is not finite; step skipped", state.step + 1, float(result.loss))
     if state.nonfinite_in_row >= limit:
         raise NonFiniteLossError(
             f"{state.nonfinite_in_row} consecutive steps had a NaN/inf loss (loss.max_nonfinite_in_row={limit}) "
@@ -189,7 +202,7 @@ def _log_step(worker: Worker, result: StepResult, samples_per_s: float, batches:
     loss = _mean_over_ranks(result.loss, worker.world_size)
     metrics = {
         "train/loss": loss,
-        "train/logit_scale": _current_logit_scale(worker),
+        "train/logit_scale": current_logit_scale(worker.engine, worker.cfg.deepspeed.zero_stage, worker.cfg.loss.max_logit_scale),
         "train/lr": float(worker.engine.get_lr()[0]),
         "train/samples_per_s": samples_per_s,
         "train/samples_seen": float(worker.state.samples_seen),
@@ -198,26 +211,16 @@ def _log_step(worker: Worker, result: StepResult, samples_per_s: float, batches:
     }
     worker.last_metrics.update(metrics)
     if worker.is_chief:
-        print(f"[rayclip] step {worker.state.step}/{worker.cfg.schedule.total_steps} loss {loss:.4f} "
-              f"lr {metrics['train/lr']:.2e} {samples_per_s:.1f} samples/s", flush=True)
+        remaining_s = (worker.stop_step - worker.state.step) * worker.cfg.global_batch_size / max(samples_per_s, 1e-9)
+        progress = f"step {worker.state.step}/{worker.cfg.schedule.total_steps} loss {loss:.4f} lr {metrics['train/lr']:.2e}"
+        if worker.state.step == 1:  # its time includes the stream's start-up: no rate to extrapolate yet
+            logger.info("%s (rate and ETA from the next logged step)", progress)
+        else:
+            logger.info("%s %.1f samples/s ETA %s", progress, samples_per_s, _duration(remaining_s))
         worker.tracker.log_metrics(metrics, worker.state.step)
 
 
-def _current_logit_scale(worker: Worker) -> float:
-    """exp(logit scale) as the next forward uses it (collective: ZeRO keeps the value partitioned)."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    parameter = worker.engine.module.logit_scale
-    value = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
-    if value is None:
-        zero3 = worker.cfg.deepspeed.zero_stage == 3
-        with deepspeed.zero.GatheredParameters([parameter], enabled=zero3):
-            value = parameter.detach().float().clone()
-    return float(value.exp().clamp(max=worker.cfg.loss.max_logit_scale).reshape(()))
-
-
-def _evaluate(worker: Worker) -> ZeroShotResult | None:
+def evaluate(worker: Worker) -> ZeroShotResult | None:
     """Sharded zero-shot evaluation (collective); rank 0 logs it."""
     if worker.eval_set is None:
         return None
@@ -227,7 +230,7 @@ def _evaluate(worker: Worker) -> ZeroShotResult | None:
         result = evaluate_zero_shot(
             worker.engine.module,
             worker.eval_set,
-            tokenizer_for(cfg),
+            get_tokenizer(context_length=cfg.model.spec().text.context_length),
             worker.eval_templates,
             rank=worker.rank,
             world_size=worker.world_size,
@@ -236,8 +239,8 @@ def _evaluate(worker: Worker) -> ZeroShotResult | None:
         )
     worker.last_metrics.update({"zero_shot_top1": result.top1, "zero_shot_top5": result.top5})
     if worker.is_chief:
-        print(f"[rayclip] step {worker.state.step}: zero-shot top-1 {result.top1:.3f} top-5 {result.top5:.3f} "
-              f"on {result.images} images", flush=True)
+        logger.info("step %d: zero-shot top-1 %.3f, top-5 %.3f on %d images", worker.state.step, result.top1,
+                    result.top5, result.images)
         worker.tracker.log_zero_shot(
             worker.state.step, result.top1, result.top5, result.confusion.numpy(), result.class_names
         )
@@ -251,9 +254,9 @@ def _report_metrics(worker: Worker) -> dict[str, Any]:
 
 def _finish(worker: Worker) -> None:
     """Final evaluation, export, final checkpoint (with the export), and the MLflow run closed."""
-    _evaluate(worker)
+    evaluate(worker)
     with tempfile.TemporaryDirectory() as scratch:
-        export_path = _export_openai_state_dict(worker, scratch)
+        export_path = write_export(worker, scratch)
         extra = {checkpoints.EXPORT_FILE: export_path} if export_path else None
         checkpoints.save_and_report(worker.engine, worker.state, worker.rank, _report_metrics(worker), extra)
         if worker.tracker is not None:
@@ -261,25 +264,21 @@ def _finish(worker: Worker) -> None:
             worker.tracker.finish(export_path, status="FINISHED" if finished else "KILLED")
 
 
-def _export_openai_state_dict(worker: Worker, directory: str) -> str | None:
-    """The consolidated fp32 model in OpenAI's state-dict layout, written by rank 0 (collective).
-
-    Weights come from the optimizer's fp32 master copy where DeepSpeed keeps one (ZeRO, bf16), so a
-    bf16 run exports full-precision weights; ZeRO-3 partitions are gathered first.
-    """
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    module = worker.engine.module
-    gathered = list(module.parameters()) if worker.cfg.deepspeed.zero_stage == 3 else []
-    with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None, enabled=bool(gathered)):
-        state = {k: v.float().cpu() for k, v in module.openai_state_dict().items()}
-        for name, parameter in module.named_parameters():
-            master = safe_get_full_fp32_param(parameter) if parameter.requires_grad else None
-            if master is not None:
-                state[name] = master.detach().float().cpu().reshape(state[name].shape)
+def write_export(worker: Worker, directory: str) -> str | None:
+    """The consolidated fp32 model in OpenAI's layout, written by rank 0 (collective); its path on rank 0."""
+    state = export_openai_state_dict(worker.engine, worker.cfg.deepspeed.zero_stage)
     if not worker.is_chief:
         return None
     path = os.path.join(directory, checkpoints.EXPORT_FILE)
     torch.save(state, path)
     return path
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``7 min 5 s`` or ``3 h 20 min``: an ETA a person reads at a glance."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"

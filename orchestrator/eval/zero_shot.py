@@ -1,4 +1,4 @@
-"""Zero-shot evaluation during training, sharded over all workers.
+"""Zero-shot evaluation, sharded over all training workers (runs inside the Train workers' loop).
 
 Every rank classifies an equal slice of the labelled set and the counts are summed across ranks.
 All ranks take part (instead of rank 0 alone) because under ZeRO-3 each forward gathers parameter
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from models.transforms import normalize_images
-from models.zero_shot import build_zero_shot_classifier
+from models import build_zero_shot_classifier, normalize_images
 from orchestrator.collectives import all_reduce_sum
+from orchestrator.config import RunConfig
+from orchestrator.data import load_heldout
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,17 @@ def evaluate_zero_shot(
         class_names=list(data.class_names),
         images=count,
     )
+
+
+def load_eval_set(cfg: RunConfig, image_size: int) -> tuple[LabelledImages, list[str]] | None:
+    """The held-out labelled images (uint8, resized + center-cropped) and the prompt templates to use
+    (``eval.templates``, else the split's own held-out template); None when evaluation is off."""
+    if not cfg.eval.enabled:
+        return None
+    heldout = load_heldout(cfg.data, limit=cfg.eval.max_images)
+    images, labels = [], []
+    for pixels, batch_labels in heldout.batches(1000, image_size, normalize=False):
+        images.append(pixels)
+        labels.append(batch_labels)
+    templates = cfg.eval.templates or [heldout.template]
+    return LabelledImages(torch.cat(images), torch.cat(labels), heldout.class_names), templates

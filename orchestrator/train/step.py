@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.loss import ClipLoss, Gather
+from models import ClipLoss, Gather
 
 Backward = Callable[[torch.Tensor], None]
 

@@ -1,0 +1,49 @@
+"""The run config: typed sections validated before Ray starts (runs in the driver; workers rebuild it).
+
+What other packages may use; the modules behind it are ``sections`` (model ... eval), ``data`` (the data
+section), ``run`` (``RunConfig`` and its cross-field checks) and ``loading`` (YAML, ``--set``, paths).
+"""
+
+from orchestrator.config.data import DataConfig
+from orchestrator.config.loading import (
+    DEFAULT_CONFIG_PATH,
+    apply_overrides,
+    in_ray_job_copy,
+    load_config,
+    output_base_dir,
+    resolve_local_paths,
+)
+from orchestrator.config.run import ConfigError, RunConfig, format_validation_error
+from orchestrator.config.sections import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    ScalingSection,
+    ScheduleConfig,
+    TrackingConfig,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "ScalingSection",
+    "ScheduleConfig",
+    "TrackingConfig",
+    "apply_overrides",
+    "format_validation_error",
+    "in_ray_job_copy",
+    "load_config",
+    "output_base_dir",
+    "resolve_local_paths",
+]

@@ -1,0 +1,189 @@
+"""The run configuration: one YAML per run, validated by typed pydantic sections before Ray starts.
+
+Every section forbids unknown keys, so a typo is an error, never a silently ignored setting. Errors are
+re-raised as :class:`ConfigError`, one line per problem naming the dotted field, the value given and
+what is allowed. The validated config crosses into Ray workers as a plain dict (``model_dump()``) and is
+rebuilt there with :meth:`RunConfig.from_dict`, so nothing a worker needs depends on driver globals.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from orchestrator.config.data import DataConfig
+from orchestrator.config.sections import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    ScalingSection,
+    ScheduleConfig,
+    TrackingConfig,
+    ConfigSection,
+)
+
+# The paper's AdamW betas/eps differ by image tower: the ViTs trained with a lower beta2 for stability.
+PAPER_ADAM_BY_TOWER = {"vit": {"beta2": 0.98, "eps": 1e-6}, "resnet": {"beta2": 0.999, "eps": 1e-8}}
+
+
+class ConfigError(ValueError):
+    """A run config that cannot run; the message names each bad field, its value and what is allowed."""
+
+
+class RunConfig(ConfigSection):
+    name: str = "rayclip-local"
+    """Run name: the Ray Train run directory under ``checkpoint.storage_path`` (``--resume`` takes it)."""
+    seed: int = 0
+    """Seed of model initialisation and per-rank RNGs."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_follows_the_model(cls, values: Any) -> Any:
+        """Fill ``data.image_size``, ``data.context_length`` and ``data.batch_size`` from the model and
+        the batch plan where the config leaves them out; an explicit value that disagrees is reported by
+        the cross-field checks. Sections that do not validate are left to the normal errors."""
+        if not isinstance(values, dict):
+            return values
+        data = values.get("data") or {}
+        if isinstance(data, BaseModel):
+            data = data.model_dump(exclude_unset=True)
+        if not isinstance(data, dict):
+            return values
+        try:
+            model = ModelConfig.model_validate(values.get("model") or {})
+            deepspeed = DeepSpeedConfig.model_validate(values.get("deepspeed") or {})
+        except ValidationError:
+            return values
+        return {**values, "data": {**{name: value for name, (value, _) in _data_shape(model, deepspeed).items()}, **data}}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        problems = _cross_field_problems(self)
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step across all workers: the paper's 32,768 for the big recipes."""
+        return self.deepspeed.micro_batch_size * self.deepspeed.grad_accum_steps * self.scaling.num_workers
+
+    @property
+    def precision(self) -> Literal["bf16", "fp32"]:
+        """The resolved precision: ``auto`` is bf16 on GPU, fp32 on CPU."""
+        if self.deepspeed.precision == "auto":
+            return "bf16" if self.scaling.use_gpu else "fp32"
+        return self.deepspeed.precision
+
+    def adam_betas_eps(self) -> tuple[tuple[float, float], float]:
+        """AdamW (betas, eps): explicit values, else the paper's per image-tower kind."""
+        paper = PAPER_ADAM_BY_TOWER[self.model.spec().vision.kind]
+        beta2 = self.optim.beta2 if self.optim.beta2 is not None else paper["beta2"]
+        eps = self.optim.eps if self.optim.eps is not None else paper["eps"]
+        return (self.optim.beta1, beta2), eps
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Validate a plain dict (YAML contents or a worker's copy); raises :class:`ConfigError`."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise ConfigError(format_validation_error(error, data)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _data_shape(model: ModelConfig, deepspeed: DeepSpeedConfig) -> dict[str, tuple[int, str]]:
+    """What the data stream must produce for the model and the batch plan: field -> (value, its source)."""
+    spec = model.spec()
+    return {
+        "image_size": (spec.vision.image_size, "the model's input size (model.name / model.image_size)"),
+        "context_length": (spec.text.context_length, "the model's text context (model.context_length)"),
+        "batch_size": (
+            deepspeed.micro_batch_size * deepspeed.grad_accum_steps,
+            "deepspeed.micro_batch_size x deepspeed.grad_accum_steps (samples per worker per step)",
+        ),
+    }
+
+
+def _data_shape_problems(cfg: RunConfig) -> list[str]:
+    """An explicit ``data`` value that disagrees with the model or the batch plan (see ``_data_follows_the_model``)."""
+    problems = []
+    for name, (value, meaning) in _data_shape(cfg.model, cfg.deepspeed).items():
+        if getattr(cfg.data, name) != value:
+            problems.append(f"data.{name}={getattr(cfg.data, name)} must equal {meaning} = {value}; allowed: {value} or unset")
+    return problems
+
+
+def _cross_field_problems(cfg: RunConfig) -> list[str]:
+    """Constraints between sections, each message naming the fields involved and what is allowed."""
+    problems = _data_shape_problems(cfg)
+    spec = cfg.model.spec()
+    if spec.vision.kind == "vit" and spec.vision.image_size % spec.vision.patch_size:
+        problems.append(
+            f"model.image_size={spec.vision.image_size} must be a multiple of {cfg.model.name}'s patch size "
+            f"{spec.vision.patch_size}"
+        )
+    if spec.vision.kind == "resnet" and spec.vision.image_size % 32:
+        problems.append(f"model.image_size={spec.vision.image_size} must be a multiple of 32 for a ResNet tower")
+    if cfg.deepspeed.precision == "bf16" and not cfg.scaling.use_gpu:
+        problems.append("deepspeed.precision='bf16' needs scaling.use_gpu=true; allowed on CPU: 'fp32' or 'auto'")
+    if cfg.schedule.warmup_steps > cfg.schedule.total_steps:
+        problems.append(
+            f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds schedule.total_steps="
+            f"{cfg.schedule.total_steps}; allowed: 0..total_steps"
+        )
+    stop = cfg.schedule.stop_after_steps
+    if stop is not None and stop > cfg.schedule.total_steps:
+        problems.append(f"schedule.stop_after_steps={stop} exceeds schedule.total_steps={cfg.schedule.total_steps}")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        problems.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage 1, 2 or 3 (got 0)")
+    if cfg.checkpoint.s3_endpoint_url and not cfg.checkpoint.storage_path.startswith("s3://"):
+        problems.append(
+            f"checkpoint.s3_endpoint_url is set but checkpoint.storage_path={cfg.checkpoint.storage_path!r} "
+            "is not an s3:// URL"
+        )
+    return problems
+
+
+def format_validation_error(error: ValidationError, data: dict[str, Any]) -> str:
+    """One line per problem: ``field = value: message``, with the allowed keys for unknown ones."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        location = ".".join(str(part) for part in problem["loc"]) or "<config>"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(problem["loc"][:-1]))
+            message = f"unknown key; allowed here: {allowed}"
+        value = "<missing>" if problem["type"] == "missing" else repr(problem.get("input"))
+        if location == "<config>" or problem["type"] == "model_type":
+            lines.append(f"{location}: {message}")
+        else:
+            lines.append(f"{location} = {value}: {message}")
+    return "invalid run config:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(location: tuple) -> list[str]:
+    section: type[BaseModel] = RunConfig
+    for part in location:
+        annotation = section.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        section = annotation
+    return list(section.model_fields)

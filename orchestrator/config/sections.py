@@ -1,0 +1,179 @@
+"""The typed sections of a run config besides ``data``: model, optim, schedule, loss, deepspeed, scaling,
+checkpoint, tracking, eval. Every section forbids unknown keys, and every field has a docstring."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from models import get_model_spec, list_models
+
+
+class ConfigSection(BaseModel):
+    """Base of every section: unknown keys are errors, field docstrings are the documentation."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(ConfigSection):
+    name: str = "ViT-tiny"
+    """Architecture from ``models.registry.list_models()`` ("RN50".."RN50x64", "ViT-B/32".."ViT-L/14@336px",
+    debug sizes "RN-tiny", "ViT-tiny")."""
+    image_size: int | None = Field(default=None, gt=0)
+    """Override of the architecture's input resolution (pixels); null keeps the paper's."""
+    context_length: int | None = Field(default=None, ge=8, le=77)
+    """Override of the text context (tokens incl. [SOS]/[EOS]); null keeps 77."""
+    quick_gelu: bool | None = None
+    """Override of the activation; null keeps the spec's QuickGELU (needed for OpenAI weight parity)."""
+    grad_checkpointing: bool = False
+    """Recompute residual blocks in backward: less activation memory for ~30% more compute (paper: on)."""
+    compile: bool = False
+    """``torch.compile`` the model inside the DeepSpeed engine. The first steps pay the compilation
+    (about a minute for ViT-L/14 on an H100; text lengths vary per batch, so one dynamic-shape recompile
+    follows). ViT-L/14, bf16 autocast, one H100: 377 samples/s eager at micro-batch 128, 716 compiled at
+    micro-batch 256 (``benchmarks/results/gpu_step_h100.jsonl``)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_architecture(cls, name: str) -> str:
+        if name not in list_models():
+            raise ValueError(f"unknown architecture; allowed: {', '.join(list_models())}")
+        return name
+
+    def spec(self):
+        """The ``ModelSpec`` this section describes (registry entry plus overrides)."""
+        return get_model_spec(
+            self.name, image_size=self.image_size, context_length=self.context_length, quick_gelu=self.quick_gelu
+        )
+
+
+class OptimConfig(ConfigSection):
+    lr: float = Field(default=5e-4, gt=0)
+    """Peak learning rate, reached at the end of warmup."""
+    weight_decay: float = Field(default=0.2, ge=0)
+    """Decoupled (AdamW) decay on weight matrices only; gains, biases, embeddings and logit scale get none."""
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    """Adam first-moment decay."""
+    beta2: float | None = Field(default=None, ge=0, lt=1)
+    """Adam second-moment decay; null takes the paper's value for the tower kind (ViT 0.98, ResNet 0.999)."""
+    eps: float | None = Field(default=None, gt=0)
+    """Adam epsilon; null takes the paper's value for the tower kind (ViT 1e-6, ResNet 1e-8)."""
+    grad_clip_norm: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this value (DeepSpeed ``gradient_clipping``); null disables."""
+
+
+class ScheduleConfig(ConfigSection):
+    kind: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    """Shape after linear warmup: cosine decay (paper), linear decay, or constant."""
+    warmup_steps: int = Field(default=2000, ge=0)
+    """Optimizer steps of linear warmup from 0 to ``optim.lr`` (paper: 2,000)."""
+    total_steps: int = Field(default=1000, gt=0)
+    """Optimizer steps of the whole run; the decay reaches ``min_lr_ratio * lr`` here."""
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    """Floor of the decay as a fraction of the peak learning rate."""
+    stop_after_steps: int | None = Field(default=None, gt=0)
+    """End this job after this many global steps (with a checkpoint) while keeping the schedule of
+    ``total_steps``: for time-boxed jobs that a later ``--resume`` continues. Null runs to the end."""
+
+
+class LossConfig(ConfigSection):
+    init_temperature: float = Field(default=0.07, gt=0, lt=1)
+    """Initial softmax temperature; the learnable logit scale starts at log(1/this) (paper: 0.07)."""
+    learn_temperature: bool = True
+    """Train the temperature (paper) or keep it fixed at ``init_temperature``."""
+    max_logit_scale: float = Field(default=100.0, gt=1)
+    """exp(logit scale) is clamped here, preventing training instability (paper: 100)."""
+    max_nonfinite_in_row: int = Field(default=5, ge=1)
+    """Steps with a NaN/inf loss are skipped and counted; this many in a row aborts the run."""
+
+
+class DeepSpeedConfig(ConfigSection):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 data-parallel only, 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Training precision; auto is bf16 on GPU and fp32 on CPU (bf16 on CPU is many times slower). bf16 means
+    bf16 autocast over fp32 weights (DeepSpeed's torch_autocast), never bf16 weights."""
+    micro_batch_size: int = Field(default=64, gt=0)
+    """Samples per worker per forward/backward chunk (what must fit in one device's memory)."""
+    grad_accum_steps: int = Field(default=1, ge=1)
+    """Chunks per optimizer step. Every chunk's loss still sees all negatives of the whole global batch."""
+    offload_optimizer: bool = False
+    """ZeRO 1-3: keep optimizer states in CPU memory (slower steps, less device memory)."""
+
+
+class ScalingSection(ConfigSection):
+    num_workers: int = Field(default=2, gt=0)
+    """Ray Train workers (one per GPU on a GPU cluster)."""
+    use_gpu: bool = False
+    """One GPU per worker; false trains on CPU with the gloo backend."""
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """CPUs reserved per training worker (data loading runs in separate Ray Data tasks)."""
+    accelerator_type: str | None = None
+    """Pin workers to a GPU type known to Ray (e.g. "H100"); null takes any."""
+    extra_resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each worker also needs, to place workers on labelled nodes (e.g. {"spot": 1})."""
+
+
+class CheckpointConfig(ConfigSection):
+    storage_path: str = "outputs/ray"
+    """Where Ray Train keeps run directories and checkpoints: a local path or ``s3://bucket/prefix``."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, moto) for an ``s3://`` storage path; null uses AWS. Credentials
+    come from the standard AWS chain, never from this file."""
+    every_steps: int = Field(default=100, gt=0)
+    """Checkpoint every N optimizer steps (and at the end)."""
+    num_to_keep: int | None = Field(default=2, gt=0)
+    """Most recent checkpoints kept in storage; null keeps all."""
+    max_failures: int = Field(default=3, ge=-1)
+    """Worker or node failures survived by restarting from the latest checkpoint (-1: unlimited)."""
+    audit_sample_ids: bool = False
+    """Keep every consumed sample id in the checkpoints, to prove a resumed run repeats and skips no
+    data. Grows with the run: for tests and small runs."""
+
+
+class TrackingConfig(ConfigSection):
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI: an http(s) server on a cluster, or a local store (relative sqlite paths
+    resolve against the directory the job is started from)."""
+    experiment: str = "rayclip"
+    """MLflow experiment name (created if missing)."""
+    run_name: str | None = None
+    """MLflow run name; null uses the top-level ``name``."""
+    register_model_name: str | None = None
+    """Register the exported model under this name in the MLflow model registry; null skips."""
+    artifact_location: str | None = None
+    """Where a new MLflow experiment keeps its artifacts (config, plots, exported model): an ``s3://`` URL
+    or a folder; null puts them beside a local sqlite store (``<store folder>/mlartifacts``) or lets a
+    tracking server use its own artifact store."""
+    log_every_steps: int = Field(default=10, gt=0)
+    """Log training metrics every N optimizer steps."""
+    system_metrics: bool = False
+    """Let MLflow sample CPU/GPU/memory utilisation on rank 0's node."""
+
+
+class EvalConfig(ConfigSection):
+    enabled: bool = True
+    """Zero-shot evaluation on the labelled held-out split ``data.heldout`` (default ``<data.shards>/heldout``,
+    e.g. Fashion-MNIST's 10k test images), whose manifest names the classes and the held-out template."""
+    every_steps: int | None = Field(default=None, gt=0)
+    """Evaluate every N optimizer steps; it always runs once at the end. Null: at the end only."""
+    templates: list[str] | None = None
+    """Prompt templates ensembled per class, each with a "{}" slot; null uses the held-out split's own
+    template (never one seen in training)."""
+    max_images: int | None = Field(default=None, gt=0)
+    """Evaluate on the first N images only (quick checks); null uses all."""
+    batch_size: int = Field(default=500, gt=0)
+    """Images per forward pass and worker during evaluation."""
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, templates: list[str] | None) -> list[str] | None:
+        if templates is None:
+            return None
+        if not templates:
+            raise ValueError("at least one template is needed")
+        bad = [t for t in templates if "{}" not in t]
+        if bad:
+            raise ValueError(f"templates need a '{{}}' slot for the class name: {bad}")
+        return templates

@@ -82,6 +82,11 @@ def without_printed_lines(*prefixes: str) -> Iterator[None]:
                 sys.stdout.write(line + "\n")
 
 
+def quiet_ray_driver() -> None:
+    """Before a driver starts a local Ray: its notice that token auth is on (Ray's default since 2.59)."""
+    drop_records("ray._private.authentication.authentication_token_setup", "Token authentication is enabled for this")
+
+
 def quiet_ray_process() -> None:
     """Ray's ``worker_process_setup_hook`` on a cluster rayclip starts: two lines of Ray's own actors
     that tell a user nothing to act on, silenced by their message (everything else still shows)."""

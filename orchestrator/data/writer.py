@@ -41,7 +41,7 @@ from orchestrator.data.sources import (
     fashion_mnist_records,
     table_records,
 )
-from orchestrator.logs import get_logger
+from orchestrator.logs import get_logger, quiet_ray_driver
 
 logger = get_logger("data")
 
@@ -279,6 +279,7 @@ def prepare_dataset(input_spec: str, output_url: str, options: ShardOptions, *, 
 
     started_ray = not ray.is_initialized()
     if started_ray:
+        quiet_ray_driver()
         ray.init(logging_level="WARNING")
     common = dict(endpoint_url=endpoint_url, workers=workers)
     try:

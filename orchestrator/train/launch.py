@@ -16,13 +16,14 @@ from pathlib import Path
 from orchestrator import runs
 from orchestrator.config import ConfigError, RunConfig, in_ray_job_copy
 from orchestrator.data import open_shard_set
-from orchestrator.logs import drop_records
+from orchestrator.logs import get_logger, quiet_ray_driver
 from orchestrator.storage import StorageError
 from orchestrator.train.checkpoint import EXPORT_FILE
 from orchestrator.train.controller_datasets import build_datasets
 from orchestrator.train.worker_loop import train_loop_per_worker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+logger = get_logger("train")
 # DeepSpeed JIT-builds its CPU communication op once (60-90 s) into this cache, shared by every checkout.
 DEFAULT_EXTENSIONS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rayclip" / "torch_extensions"
 
@@ -42,17 +43,18 @@ def init_ray(cfg: RunConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING")
         return
-    # A local cluster gets token auth by default since Ray 2.59, and says so on every start.
-    drop_records("ray._private.authentication.authentication_token_setup", "Token authentication is enabled for this")
+    quiet_ray_driver()
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.decode_concurrency + 1
+    num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
     ray.init(
-        num_cpus=max(os.cpu_count() or 1, math.ceil(needed)),
+        num_cpus=num_cpus,
         logging_level="WARNING",
         # Ray Data's per-dataset INFO lines (execution plans, log folders) are for debugging, not for a run's output.
         runtime_env={"env_vars": {"PYTHONPATH": python_path, "RAY_DATA_LOG_LEVEL": "WARNING"},
                      "worker_process_setup_hook": "orchestrator.logs.quiet_ray_process"},
     )
+    logger.info("local Ray started (%d logical CPUs); starting %d training workers", num_cpus, cfg.scaling.num_workers)
 
 
 def name_run(cfg: RunConfig, resume: str | None = None) -> RunConfig:

@@ -86,9 +86,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     resized = checkpoint is not None and checkpoints.saved_state(checkpoint).world_size != world_size
     engine = build_engine(cfg, build_model(cfg), world_size, load_universal=resized)
+    if rank == 0:
+        logger.info("%d workers: DeepSpeed ZeRO-%d engine built (%s, global batch %d)", world_size,
+                    cfg.deepspeed.zero_stage, cfg.precision, cfg.global_batch_size)
     state = _restore_or_start(cfg, engine, checkpoint, rank, context.get_local_rank(), world_size)
     worker = Worker(cfg, rank, world_size, engine, state)
-    worker.eval_set, worker.eval_templates = load_eval_set(cfg, engine.module.image_size) or (None, [])
     worker.tracker = _start_tracking(worker)
     try:
         _train(worker)
@@ -222,6 +224,8 @@ def _log_step(worker: Worker, result: StepResult, samples_per_s: float, batches:
 
 def evaluate(worker: Worker) -> ZeroShotResult | None:
     """Sharded zero-shot evaluation (collective); rank 0 logs it."""
+    if worker.eval_set is None and worker.cfg.eval.enabled:  # read at the first evaluation, not before step 1
+        worker.eval_set, worker.eval_templates = load_eval_set(worker.cfg, worker.engine.module.image_size)
     if worker.eval_set is None:
         return None
     cfg = worker.cfg

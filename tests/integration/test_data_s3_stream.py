@@ -13,6 +13,7 @@ import pytest
 
 from orchestrator.data import (
     DataConfig,
+    StreamProgress,
     build_train_dataset,
     exact_once_data_config,
     iter_train_batches,
@@ -98,7 +99,7 @@ def test_two_worker_train_run_sees_every_sample_once_per_epoch(fashion_on_s3, s3
     assert {tuple(s) for r in per_rank for s in r["shapes"]} == {("(16, 16, 3)", "torch.uint8", "77")}
     counters = stream_counters(stream.monitor_name)
     assert counters["samples_consumed"] == 2 * PER_SPLIT and counters["decode_error"] == 0
-    assert stream_position(stream.monitor_name) == {"epoch": 2, "completed": {}}
+    assert stream_position(stream.monitor_name) == StreamProgress(epoch=2)
 
 
 def test_resume_neither_repeats_nor_skips_beyond_shards_in_flight(fashion_on_s3, s3_endpoint):
@@ -110,15 +111,16 @@ def test_resume_neither_repeats_nor_skips_beyond_shards_in_flight(fashion_on_s3,
         if len(consumed) >= 5 * SHARD_SIZE:
             break
     position = stream_position(first.monitor_name)
-    assert position["epoch"] == 1 or position["completed"], position
-    resumed = build_train_dataset(cfg, epochs=2, position=json.loads(json.dumps(position)))
+    assert position.epoch == 1 or position.completed, position
+    saved = StreamProgress.from_json(json.loads(json.dumps(position.to_json())))  # as a checkpoint keeps it
+    resumed = build_train_dataset(cfg, epochs=2, position=saved)
     replayed = [(b_e, s) for batch in iter_train_batches(resumed.dataset, cfg, resumed.monitor_name)
                 for b_e, s in zip(batch["epoch"].tolist(), batch["sample_id"].tolist())]
     assert len(replayed) == len(set(replayed))
     everything = {(epoch, sample) for epoch in (0, 1) for sample in _all_ids(4)}
     assert set(consumed) | set(replayed) == everything
-    done = {(int(e), int(name[:5])) for e, names in position["completed"].items() for name in names}
-    done |= {(e, s) for e in range(position["epoch"]) for s in range(4)}
+    done = {(e, int(name[:5])) for e, names in position.completed.items() for name in names}
+    done |= {(e, s) for e in range(position.epoch) for s in range(4)}
     repeated = set(consumed) & set(replayed)
     assert all((epoch, sample >> 32) not in done for epoch, sample in repeated)
     assert all((epoch, sample >> 32) not in done for epoch, sample in replayed)

@@ -40,13 +40,19 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.decode_concurrency + 1)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="WARNING")
+        available = ray.cluster_resources().get("CPU", 0)
+        if available < needed:
+            logger.warning("the cluster has %g CPUs now and this run needs %d (training workers, decode actors, "
+                           "a read task): it waits until an autoscaler adds them; a fixed cluster never will "
+                           "(restart it with more --num-cpus, or lower scaling.num_workers or data.decode_concurrency)",
+                           available, needed)
         return
     quiet_ray_driver()
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.decode_concurrency + 1
-    num_cpus = max(os.cpu_count() or 1, math.ceil(needed))
+    num_cpus = max(os.cpu_count() or 1, needed)
     ray.init(
         num_cpus=num_cpus,
         logging_level="WARNING",

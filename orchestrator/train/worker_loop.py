@@ -76,12 +76,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = RunConfig.from_dict(config["run"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    # Loading DeepSpeed's CPU comm op: torch says it found no CUDA (true on a CPU worker), DeepSpeed prints a status.
-    drop_records("torch.utils.cpp_extension", "No CUDA runtime is found")
-    # Ray Train 2.60 logs every report on a logger named by its source file, outside the ``ray.train`` tree
-    # that its LoggingConfig(log_level) governs; the checkpoint line rayclip prints says the same once.
-    drop_records(importlib.util.find_spec("ray.train.v2._internal.execution.context").origin, "Reporting training result")
-    with without_printed_lines("DeepSpeed deepspeed.ops.comm."):
+    _silence_worker_noise()
+    with without_printed_lines("DeepSpeed deepspeed.ops.comm."):  # DeepSpeed prints that its CPU op loaded
         deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
     checkpoint = ray.train.get_checkpoint()
     resized = checkpoint is not None and checkpoints.saved_state(checkpoint).world_size != world_size
@@ -99,6 +95,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if worker.tracker is not None:
             worker.tracker.finish(None, status="FAILED")  # a restarted attempt reopens the same run
         raise
+
+
+def _silence_worker_noise() -> None:
+    """Third-party lines a worker prints that tell a user nothing, dropped by message at their source."""
+    # Loading DeepSpeed's CPU comm op, torch says it found no CUDA (true on a CPU worker).
+    drop_records("torch.utils.cpp_extension", "No CUDA runtime is found")
+    # Ray Train 2.60 logs every report on a logger named by its source file, outside the ``ray.train`` tree
+    # that its LoggingConfig(log_level) governs; the checkpoint line rayclip prints says the same once.
+    drop_records(importlib.util.find_spec("ray.train.v2._internal.execution.context").origin, "Reporting training result")
 
 
 def _restore_or_start(cfg: RunConfig, engine, checkpoint, rank: int, local_rank: int,

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.fs as pafs
-
 from orchestrator import storage
 
 RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # written by Ray Train v2 beside the checkpoints
@@ -42,14 +40,13 @@ def run_location(storage_path: str, endpoint_url: str | None, name: str) -> stor
 
 def run_exists(run: storage.Location) -> bool:
     """Whether Ray Train has recorded a checkpoint of this run (its snapshot file exists)."""
-    return run.fs.get_file_info(run.child(RUN_SNAPSHOT).path).type != pafs.FileType.NotFound
+    return storage.exists(run.child(RUN_SNAPSHOT))
 
 
 def latest_checkpoint(run: storage.Location) -> storage.Location | None:
     """The run's latest reported checkpoint folder, from Ray Train's snapshot (None before the first)."""
     try:
-        with run.fs.open_input_stream(run.child(RUN_SNAPSHOT).path) as handle:
-            snapshot = json.loads(handle.read())
+        snapshot = json.loads(storage.read_bytes(run.child(RUN_SNAPSHOT)))
     except FileNotFoundError:
         return None
     latest = snapshot.get("latest_checkpoint_result")

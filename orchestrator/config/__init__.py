@@ -4,7 +4,7 @@ What other packages may use; the modules behind it are ``sections`` (model ... e
 section), ``run`` (``RunConfig`` and its cross-field checks) and ``loading`` (YAML, ``--set``, paths).
 """
 
-from orchestrator.config.data import DataConfig
+from orchestrator.config.data import DataConfig, DataSource
 from orchestrator.config.loading import (
     DEFAULT_CONFIG_PATH,
     apply_overrides,
@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DataSource",
     "DeepSpeedConfig",
     "EvalConfig",
     "LossConfig",

@@ -134,6 +134,9 @@ def _data_shape_problems(cfg: RunConfig) -> list[str]:
 def _cross_field_problems(cfg: RunConfig) -> list[str]:
     """Constraints between sections, each message naming the fields involved and what is allowed."""
     problems = _data_shape_problems(cfg)
+    if cfg.eval.enabled and cfg.data.heldout_url is None:
+        problems.append("eval.enabled=true needs data.heldout (a labelled split) when the training shards are not "
+                        "one folder; allowed: set data.heldout, or eval.enabled=false")
     spec = cfg.model.spec()
     if spec.vision.kind == "vit" and spec.vision.image_size % spec.vision.patch_size:
         problems.append(

@@ -3,6 +3,8 @@
 Who runs what (module: process):
 
 * ``manifest``, ``sources``, ``writer``: the driver of ``jobs/prepare_data.py`` (shards written by Ray tasks);
+* ``shardsets`` (folders, prefixes, brace patterns -> shards with counts) and ``visits`` (what an epoch
+  is over weighted sources): the driver and Ray Train's controller; ``index``: ``prepare_data.py --index``;
 * ``webdataset``: wherever shards are read (tar members -> samples);
 * ``stream``: the process that builds the stream (Ray Train's controller) plans it; its
   :func:`iter_train_batches` runs in each Train worker;
@@ -11,7 +13,7 @@ Who runs what (module: process):
 * ``heldout``: the labelled evaluation split, read whole on a worker or the driver.
 """
 
-from orchestrator.config import DataConfig  # the section every stream function takes
+from orchestrator.config import DataConfig, DataSource  # the sections every stream function takes
 from orchestrator.data.heldout import HeldoutSplit, load_heldout
 from orchestrator.data.manifest import (
     MANIFEST_NAME,
@@ -26,8 +28,10 @@ from orchestrator.data.monitor import (
     DataErrorBudgetExceeded,
     DataStreamMonitor,
     control_actor_options,
+    ReadAhead,
     stream_counters,
     stream_position,
+    stream_visit_names,
 )
 from orchestrator.data.position import DataPosition, StreamProgress
 from orchestrator.data.sources import (
@@ -41,9 +45,20 @@ from orchestrator.data.sources import (
     read_idx,
     table_records,
 )
+from orchestrator.data.index import count_shard, index_shards
+from orchestrator.data.shardsets import (
+    ShardRef,
+    SourceShards,
+    count_shards,
+    expand_spec,
+    find_shards,
+    resolve_source,
+    resolve_sources,
+)
 from orchestrator.data.stages import SHARD_ID_BITS, DecodeAugmentTokenize, read_shard_rows
-from orchestrator.data.stream import TrainStream, build_train_dataset, exact_once_data_config, iter_train_batches, plan_epochs, shard_order
-from orchestrator.data.webdataset import RawSample, ShardParse, decode_image, fetch_shard, parse_shard
+from orchestrator.data.stream import TrainStream, build_train_dataset, exact_once_data_config, iter_train_batches, read_ahead_bound
+from orchestrator.data.visits import Visit, VisitTable, plan_epochs, shard_order
+from orchestrator.data.webdataset import RawSample, ShardParse, ShardRead, decode_image, iter_samples, parse_shard, stream_shard
 from orchestrator.data.writer import (
     REPORT_NAME,
     ShardOptions,
@@ -69,28 +84,40 @@ __all__ = [
     "DataConfig",
     "DataErrorBudgetExceeded",
     "DataPosition",
+    "DataSource",
     "DataStreamMonitor",
     "DecodeAugmentTokenize",
     "HeldoutSplit",
     "Manifest",
     "ManifestError",
     "RawSample",
+    "ReadAhead",
     "ShardEntry",
     "ShardOptions",
     "ShardParse",
     "ShardProgress",
+    "ShardRead",
+    "ShardRef",
     "SourceRecord",
+    "SourceShards",
     "StreamProgress",
     "TrainStream",
+    "Visit",
+    "VisitTable",
     "build_shard",
     "build_train_dataset",
     "captioned_folder_records",
     "control_actor_options",
+    "count_shard",
+    "count_shards",
+    "find_shards",
+    "index_shards",
     "decode_image",
     "encode_image",
     "exact_once_data_config",
+    "expand_spec",
     "fashion_mnist_records",
-    "fetch_shard",
+    "iter_samples",
     "iter_train_batches",
     "load_heldout",
     "load_image",
@@ -101,12 +128,17 @@ __all__ = [
     "prepare_dataset",
     "prepare_fashion_mnist",
     "prepare_shards",
+    "read_ahead_bound",
     "read_idx",
     "read_shard_rows",
     "resize_to_max_side",
+    "resolve_source",
+    "resolve_sources",
     "shard_order",
     "stream_counters",
     "stream_position",
+    "stream_shard",
+    "stream_visit_names",
     "table_records",
     "write_manifest",
     "write_shard",

@@ -9,7 +9,7 @@ import numpy as np
 
 from orchestrator.config import DataConfig
 from orchestrator.data.manifest import MANIFEST_NAME, ManifestError, open_shard_set
-from orchestrator.data.webdataset import ShardParse, decode_image, fetch_shard, parse_shard
+from orchestrator.data.webdataset import ShardRead, decode_image, stream_shard
 
 
 @dataclass
@@ -47,10 +47,12 @@ def load_heldout(cfg: DataConfig, *, limit: int | None = None) -> HeldoutSplit:
                             "for a held-out split (write it with prepare_data.py --input fashion-mnist)")
     images, labels, bad = [], [], 0
     for shard in manifest.shards:
-        data, _, _ = fetch_shard(folder.child(shard.name), cfg.read_retries, cfg.retry_backoff_s)
-        parse = parse_shard(data) if data is not None else ShardParse()
-        bad += sum(parse.errors.values()) + (shard.samples - len(parse.samples) - sum(parse.errors.values()))
-        for sample in parse.samples:
+        read = ShardRead()
+        samples = [sample for block in stream_shard(folder.child(shard.name), read, block_samples=cfg.read_block_samples,
+                                                    retries=cfg.read_retries, backoff_s=cfg.retry_backoff_s)
+                   for sample in block]
+        bad += shard.samples - len(samples)  # bad, lost or unreadable: all counted
+        for sample in samples:
             if isinstance(sample.meta.get("label"), int):
                 images.append(sample.image)
                 labels.append(sample.meta["label"])

@@ -7,12 +7,17 @@ set of complete shards is the shard-level part of the resumable :class:`~orchest
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.data.position import StreamProgress
+from orchestrator.data.visits import VisitTable
 
 SAMPLE_ERRORS = ("missing_caption", "missing_image", "bad_json", "decode_error")
+
+RATE_INTERVAL_S = 5.0  # how often the consumption rate behind the read-ahead window is measured
 
 MONITOR_NAMESPACE = "rayclip-data"  # explicit, so Train workers and Data actors find the monitor by name
 
@@ -28,29 +33,70 @@ def get_monitor(name: str):
     return ray.get_actor(name, namespace=MONITOR_NAMESPACE)
 
 
-class DataStreamMonitor:
-    """Counts of the stream (run as one Ray actor): what each shard yielded, lost and had consumed.
+@dataclass(frozen=True)
+class ReadAhead:
+    """How far the read stage may run ahead of training, in samples (None: unbounded).
 
-    A shard of an epoch is *complete* once its consumed + decode-dropped samples reach what the read stage
-    yielded; the set of complete shards is the resumable position. Bad or lost samples are charged to their
-    epoch; past ``max_error_fraction`` of the manifest's samples the monitor records a failure naming the
-    shards, which every consumer then raises.
+    The window is ``floor`` (what the pipeline's own buffers hold: below it the stream could stall) plus
+    ``seconds`` of consumption at the rate training has shown, or ``fixed`` when configured in batches.
     """
 
-    def __init__(self, shard_names: list[str], samples_per_epoch: int, max_error_fraction: float,
-                 progress: StreamProgress | None = None):
+    floor: int | None = None
+    seconds: float = 0.0
+    fixed: int | None = None
+
+    def window(self, rate: float) -> float | None:
+        if self.floor is None:
+            return None
+        if self.fixed is not None:
+            return max(self.floor, self.fixed)
+        return self.floor + rate * self.seconds
+
+
+class DataStreamMonitor:
+    """Counts of the stream (run as one Ray actor): what each visit yielded, lost and had consumed.
+
+    A visit (a shard's pass in an epoch, see :mod:`orchestrator.data.visits`) is *complete* once its
+    consumed + decode-dropped samples reach what the read stage yielded; the set of complete visits is
+    the resumable position. Bad or lost samples are charged to their epoch; past ``max_error_fraction``
+    of the epoch's samples the monitor records a failure naming the shards, which every consumer then
+    raises. Read tasks ask :meth:`has_room` before each block: the read-ahead bound.
+    """
+
+    def __init__(self, table: VisitTable, seed: int, max_error_fraction: float,
+                 progress: StreamProgress | None = None, read_ahead: ReadAhead | None = None):
         progress = progress or StreamProgress()
-        self.shard_names = shard_names
-        self.samples_per_epoch = samples_per_epoch
+        self.table, self.seed = table, seed
+        self.shard_names = table.names
+        self.samples_per_epoch = table.samples_per_epoch
         self.max_error_fraction = max_error_fraction
+        self.read_ahead = read_ahead or ReadAhead()
         self.first_epoch = progress.epoch
-        index = {name: i for i, name in enumerate(shard_names)}
+        index = {name: i for i, name in enumerate(self.shard_names)}
         self.complete = {(epoch, index[name]) for epoch, names in progress.completed.items() for name in names}
+        self.epoch_members: dict[int, frozenset[int]] = {}
         self.yielded, self.dropped, self.consumed = {}, Counter(), Counter()
         self.counters = Counter()
+        self.by_source = Counter()
         self.bad_by_epoch = Counter()
         self.shard_problems: dict[str, list[str]] = defaultdict(list)
         self.failure: str | None = None
+        self.rate_mark = None  # (time, samples consumed) of the last rate measurement
+        self.rate = 0.0
+
+    def _source(self, visit: int) -> str:
+        return self.table.source_names[self.table.visits[visit].source]
+
+    def record_block(self, visit: int, samples: int) -> None:
+        """A read task passed on a block of ``samples`` (counted as read at once: the read-ahead bound)."""
+        self.counters["samples_read"] += samples
+        self.by_source[f"{self._source(visit)}/samples_read"] += samples
+
+    def has_room(self) -> bool:
+        """Whether the read stage may read another block: samples in flight are below the window."""
+        window = self.read_ahead.window(self.rate)
+        in_flight = self.counters["samples_read"] - self.counters["samples_consumed"] - self.counters["decode_error"]
+        return window is None or in_flight < window
 
     def record_read(self, epoch: int, shard: int, report: dict) -> None:
         self.yielded[(epoch, shard)] = report["yielded"]
@@ -59,13 +105,17 @@ class DataStreamMonitor:
             self._charge(epoch, name, kind, count)
         self.counters["shards_read"] += 1
         self.counters["read_retries"] += report["failed_attempts"] - int(report["skipped"])
-        self.counters["samples_read"] += report["yielded"]
         if report["skipped"]:
             self.counters["skipped_shards"] += 1
             self._charge(epoch, name, "samples_in_skipped_shards", report["lost"], report["error"])
         elif report["truncated"]:
             self.counters["truncated_shards"] += 1
-            self._charge(epoch, name, "samples_lost_to_truncation", report["lost"])
+            self._charge(epoch, name, "samples_lost_to_truncation", report["lost"], report["error"])
+        elif report["count_gap"]:  # the counts the plan used were wrong: reported, not an error of the data
+            gap = report["count_gap"]
+            self.counters["count_mismatch_shards"] += 1
+            self.counters["samples_beyond_count" if gap > 0 else "samples_short_of_count"] += abs(gap)
+            self.shard_problems[name].append(f"epoch {epoch}: holds {gap:+d} samples against its listed count")
         self._update_completion(epoch, shard)
 
     def record_decode_errors(self, dropped: dict[tuple[int, int], int]) -> None:
@@ -78,8 +128,18 @@ class DataStreamMonitor:
         for (epoch, shard), count in consumed.items():
             self.consumed[(epoch, shard)] += count
             self.counters["samples_consumed"] += count
+            self.by_source[f"{self._source(shard)}/samples_consumed"] += count
             self._update_completion(epoch, shard)
+        self._measure_rate()
         return self.failure
+
+    def _measure_rate(self) -> None:
+        now, total = time.monotonic(), self.counters["samples_consumed"]
+        if self.rate_mark is None:
+            self.rate_mark = (now, total)
+        elif now - self.rate_mark[0] >= RATE_INTERVAL_S:
+            self.rate = (total - self.rate_mark[1]) / (now - self.rate_mark[0])
+            self.rate_mark = (now, total)
 
     def _charge(self, epoch: int, shard_name: str, kind: str, count: int, detail: str | None = None) -> None:
         if count <= 0:
@@ -102,19 +162,31 @@ class DataStreamMonitor:
     def get_failure(self) -> str | None:
         return self.failure
 
+    def get_visit_names(self) -> list[str]:
+        return list(self.shard_names)
+
     def get_counters(self) -> dict[str, int]:
-        """Error and progress counters, flat, for MLflow (``data/<name>``)."""
+        """Error and progress counters, flat, for MLflow (``data/<name>``; per source ``data/source/<name>/...``)."""
         names = ("shards_read", "samples_read", "samples_consumed", "read_retries", "skipped_shards",
-                 "truncated_shards", "samples_lost_to_truncation", "samples_in_skipped_shards", *SAMPLE_ERRORS)
-        return {name: int(self.counters[name]) for name in names}
+                 "truncated_shards", "samples_lost_to_truncation", "samples_in_skipped_shards",
+                 "count_mismatch_shards", "samples_beyond_count", "samples_short_of_count", *SAMPLE_ERRORS)
+        counters = {name: int(self.counters[name]) for name in names}
+        if len(self.table.source_names) > 1:
+            counters.update({f"source/{key}": int(value) for key, value in sorted(self.by_source.items())})
+        return counters
 
     def get_problem_shards(self) -> dict[str, list[str]]:
         return dict(self.shard_problems)
 
+    def _members(self, epoch: int) -> frozenset[int]:
+        if epoch not in self.epoch_members:
+            self.epoch_members[epoch] = frozenset(self.table.epoch_visits(self.seed, epoch))
+        return self.epoch_members[epoch]
+
     def get_position(self) -> StreamProgress:
-        """The shard-level position: the first epoch with unconsumed shards and the shards complete from it on."""
+        """The visit-level position: the first epoch with unconsumed visits and the visits complete from it on."""
         epoch = self.first_epoch
-        while all((epoch, shard) in self.complete for shard in range(len(self.shard_names))):
+        while all((epoch, visit) in self.complete for visit in self._members(epoch)):
             epoch += 1
         completed: dict[int, set[str]] = defaultdict(set)
         for done_epoch, shard in self.complete:
@@ -142,6 +214,13 @@ def stream_counters(monitor_name: str) -> dict[str, int]:
     import ray
 
     return ray.get(get_monitor(monitor_name).get_counters.remote())
+
+
+def stream_visit_names(monitor_name: str) -> list[str]:
+    """The position key of each visit index (the ``shard_index`` column of the stream's batches)."""
+    import ray
+
+    return ray.get(get_monitor(monitor_name).get_visit_names.remote())
 
 
 def stream_position(monitor_name: str) -> StreamProgress:

@@ -1,47 +1,65 @@
 """The stream's Ray Data stages: a read task per shard, and a pool of decode + augment + tokenize actors.
 
-1. ``read_shard_rows`` (Ray task): fetch a shard whole with retries and backoff, split the tar into
-   samples (``orchestrator.data.webdataset``), report the shard's counts to the monitor, emit the samples;
+1. ``read_shard_rows`` (Ray task): stream a shard, passing its samples on in blocks while it reads
+   (``orchestrator.data.webdataset``: retries resume after what was passed on), waiting at the
+   read-ahead bound before each block; report the shard's counts to the monitor at its end;
 2. ``DecodeAugmentTokenize`` (Ray actor, ``decode_concurrency`` of them): decode, augment with the model
    library's transforms and tokenize, in batches; a corrupt image drops that sample only and is counted.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 
 from orchestrator import storage
 from orchestrator.data.monitor import get_monitor
-from orchestrator.data.webdataset import ShardParse, decode_image, fetch_shard, parse_shard
+from orchestrator.data.webdataset import RawSample, ShardRead, decode_image, stream_shard
 
-SHARD_ID_BITS = 32  # sample_id = shard index << 32 | ordinal in the tar
+SHARD_ID_BITS = 32  # sample_id = visit index << 32 | ordinal in the tar
+ROOM_POLL_S = 0.05  # how often a read task waiting at the read-ahead bound asks again
 
-SHARD_ID_BITS = 32  # sample_id = shard index << 32 | ordinal in the tar
 
-
-def read_shard_rows(plan: dict[str, np.ndarray], *, folder_url: str, endpoint_url: str | None,
-                    shard_names: list[str], shard_samples: list[int], retries: int, backoff_s: float,
-                    monitor_name: str) -> dict[str, np.ndarray]:
-    """Ray Data read stage: one plan row (epoch, shard_index) in, that shard's good raw samples out."""
-    epoch, shard_index = int(plan["epoch"][0]), int(plan["shard_index"][0])
-    location = storage.resolve(folder_url, endpoint_url).child(shard_names[shard_index])
-    data, failed_attempts, error = fetch_shard(location, retries, backoff_s)
-    parse = parse_shard(data) if data is not None else ShardParse()
-    bad = sum(parse.errors.values())
-    report = {"yielded": len(parse.samples), "errors": dict(parse.errors), "truncated": parse.truncated,
-              "skipped": data is None, "failed_attempts": failed_attempts, "error": error,
-              "lost": max(0, shard_samples[shard_index] - len(parse.samples) - bad)}
-    get_monitor(monitor_name).record_read.remote(epoch, shard_index, report)
-    count = len(parse.samples)
+def _rows(samples: list[RawSample], epoch: int, visit: int) -> dict[str, np.ndarray]:
+    count = len(samples)
     return {
-        "image": np.array([s.image for s in parse.samples] or [], dtype=object),
-        "caption": np.array([s.caption for s in parse.samples] or [], dtype=object),
+        "image": np.array([s.image for s in samples] or [], dtype=object),
+        "caption": np.array([s.caption for s in samples] or [], dtype=object),
         "epoch": np.full(count, epoch, dtype=np.int32),
-        "shard_index": np.full(count, shard_index, dtype=np.int32),
-        "sample_id": np.array([(shard_index << SHARD_ID_BITS) | s.ordinal for s in parse.samples], dtype=np.int64),
+        "shard_index": np.full(count, visit, dtype=np.int32),
+        "sample_id": np.array([(visit << SHARD_ID_BITS) | s.ordinal for s in samples], dtype=np.int64),
     }
+
+
+def read_shard_rows(plan: dict[str, np.ndarray], *, endpoint_url: str | None, caption_key: str | None,
+                    block_samples: int, retries: int, backoff_s: float,
+                    monitor_name: str | None) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data read stage: one plan row (epoch, visit, url, samples) in, that shard's good samples out,
+    streamed in blocks of ``block_samples`` as the tar is read (waiting at the read-ahead bound first)."""
+    import ray
+
+    epoch, visit = int(plan["epoch"][0]), int(plan["visit"][0])
+    monitor = get_monitor(monitor_name) if monitor_name else None
+
+    def wait_for_room() -> None:
+        while monitor is not None and not ray.get(monitor.has_room.remote()):
+            time.sleep(ROOM_POLL_S)
+
+    read, passed = ShardRead(), False
+    location = storage.resolve(str(plan["url"][0]), endpoint_url)
+    for block in stream_shard(location, read, block_samples=block_samples, caption_key=caption_key,
+                              retries=retries, backoff_s=backoff_s, before_block=wait_for_room):
+        if monitor is not None:
+            monitor.record_block.remote(visit, len(block))
+        passed = True
+        yield _rows(block, epoch, visit)
+    if monitor is not None:
+        monitor.record_read.remote(epoch, visit, read.report(int(plan["samples"][0])))
+    if not passed:
+        yield _rows([], epoch, visit)
 
 
 class DecodeAugmentTokenize:

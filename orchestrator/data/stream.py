@@ -3,10 +3,12 @@
 Why not ``ray.data.read_webdataset``: its default decoder fails the whole read on one bad JPEG, and with
 ``max_errored_blocks`` it drops the whole shard. Here the stream is built from three small stages:
 
-1. a plan (here, on the process that builds the stream): one row per (epoch, shard) for every epoch
-   still to run, shard order permuted per epoch from ``seed`` (shards already consumed are left out);
-2. a read stage (Ray tasks, ``orchestrator.data.stages``): fetch a shard whole with retries and backoff,
-   split the tar into samples, drop and count bad samples, skip and count a shard that stays unreadable;
+1. a plan (here, on the process that builds the stream): one row per shard visit for every epoch still
+   to run, over every source by weight, in a seeded order per epoch (``orchestrator.data.visits``;
+   visits already consumed are left out);
+2. a read stage (Ray tasks, ``orchestrator.data.stages``): stream a shard in blocks of samples with
+   retries and backoff, drop and count bad samples, skip and count a shard that stays unreadable, and
+   wait while the stream is ``read_ahead`` ahead of training;
 3. a decode stage (a pool of ``decode_concurrency`` Ray actors, same module): decode, augment with the
    model library's transforms and tokenize, in batches; a corrupt image drops that sample only.
 
@@ -23,39 +25,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from orchestrator.config import DataConfig
-from orchestrator.data.manifest import open_shard_set
 from orchestrator.data.monitor import (
     MONITOR_NAMESPACE,
     DataErrorBudgetExceeded,
     DataStreamMonitor,
+    ReadAhead,
     control_actor_options,
     get_monitor,
 )
 from orchestrator.data.position import StreamProgress
+from orchestrator.data.shardsets import SourceShards, resolve_sources
 from orchestrator.data.stages import DecodeAugmentTokenize, read_shard_rows
-
-
-def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
-    """The shard permutation of one epoch: a pure function of (seed, epoch), so a resumed run replays it."""
-    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_shards)]
-
-
-def plan_epochs(shard_names: list[str], seed: int, epochs: int, position: StreamProgress | None = None) -> list[dict]:
-    """(epoch, shard_index) rows still to stream from ``position`` (the start of the stream by default)."""
-    position = position or StreamProgress()
-    index = {name: i for i, name in enumerate(shard_names)}
-    unknown = sorted(n for names in position.completed.values() for n in names if n not in index)
-    if unknown:
-        raise ValueError(f"data position names shards not in the manifest: {unknown[:5]}")
-    rows = []
-    for epoch in range(position.epoch, epochs):
-        done = {index[n] for n in position.completed.get(epoch, ())}
-        order = shard_order(len(shard_names), seed, epoch)
-        rows += [{"epoch": epoch, "shard_index": shard} for shard in order if shard not in done]
-    return rows
+from orchestrator.data.visits import VisitTable, plan_epochs
 
 
 @dataclass
@@ -66,29 +48,46 @@ class TrainStream:
     monitor_name: str  # pass to workers: iter_train_batches / stream_counters / stream_position
     monitor: Any  # the actor handle; holding it keeps the monitor alive as long as the stream
     samples_per_epoch: int
-    num_shards: int
+    num_shards: int  # visit slots (a shard of weight 2 has two)
     epochs: int
+    table: VisitTable
+
+
+def read_ahead_bound(cfg: DataConfig, consumers: int) -> ReadAhead:
+    """The read-ahead window for ``consumers`` training workers (see ``data.read_ahead_batches``).
+
+    Its floor is what the pipeline holds anyway (each worker's shuffle buffer and a few batches, the
+    decode actors' batches, a block per read): a smaller window could starve a worker.
+    """
+    if cfg.read_ahead_batches == "unbounded":
+        return ReadAhead()
+    floor = (consumers * (cfg.shuffle_buffer + 3 * cfg.batch_size)
+             + (cfg.decode_concurrency + 1) * cfg.decode_batch_size + 2 * cfg.read_block_samples)
+    fixed = None if cfg.read_ahead_batches == "auto" else consumers * cfg.read_ahead_batches * cfg.batch_size
+    return ReadAhead(floor=floor, seconds=cfg.read_ahead_s, fixed=fixed)
 
 
 def build_train_dataset(cfg: DataConfig, *, epochs: int, position: StreamProgress | None = None,
-                        train: bool = True) -> TrainStream:
+                        train: bool = True, sources: list[SourceShards] | None = None,
+                        consumers: int = 1) -> TrainStream:
     """The training stream over ``epochs`` epochs (resuming at ``position``), checked before any work.
 
-    Pass ``stream.dataset`` to ``TorchTrainer(datasets={"train": ...}, dataset_config=exact_once_data_config())``
-    and ``stream.monitor_name`` to the workers, which iterate with :func:`iter_train_batches`.
+    ``sources`` are the resolved shard sets (resolved from ``cfg`` when not given); ``consumers`` is the
+    number of training workers, which sizes the read-ahead bound. Pass ``stream.dataset`` to
+    ``TorchTrainer(datasets={"train": ...}, dataset_config=exact_once_data_config())`` and
+    ``stream.monitor_name`` to the workers, which iterate with :func:`iter_train_batches`.
     """
     import ray
 
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
-    folder, manifest = open_shard_set(cfg.shards, cfg.s3_endpoint_url)
-    names = [shard.name for shard in manifest.shards]
-    plan = plan_epochs(names, cfg.seed, epochs, position)
+    table = VisitTable.of_sources(sources if sources is not None else resolve_sources(cfg))
+    plan = plan_epochs(table, cfg.seed, epochs, position)
     monitor_name = f"rayclip-data-monitor-{uuid.uuid4().hex[:12]}"
     monitor = ray.remote(DataStreamMonitor).options(**control_actor_options(monitor_name, MONITOR_NAMESPACE)).remote(
-        names, manifest.total_samples, cfg.max_error_fraction, position)
-    read_kwargs = dict(folder_url=folder.url, endpoint_url=cfg.s3_endpoint_url, shard_names=names,
-                       shard_samples=[shard.samples for shard in manifest.shards], retries=cfg.read_retries,
+        table, cfg.seed, cfg.max_error_fraction, position, read_ahead_bound(cfg, consumers))
+    read_kwargs = dict(endpoint_url=cfg.s3_endpoint_url, caption_key=cfg.caption_key,
+                       block_samples=cfg.read_block_samples, retries=cfg.read_retries,
                        backoff_s=cfg.retry_backoff_s, monitor_name=monitor_name)
     read_compute = ray.data.TaskPoolStrategy(size=cfg.read_concurrency) if cfg.read_concurrency else None
     dataset = (
@@ -100,7 +99,7 @@ def build_train_dataset(cfg: DataConfig, *, epochs: int, position: StreamProgres
                                                 train=train, seed=cfg.seed),
                      compute=ray.data.ActorPoolStrategy(size=cfg.decode_concurrency))
     )
-    return TrainStream(dataset, monitor_name, monitor, manifest.total_samples, len(names), epochs)
+    return TrainStream(dataset, monitor_name, monitor, table.samples_per_epoch, len(table.visits), epochs, table)
 
 
 def iter_train_batches(dataset_shard, cfg: DataConfig, monitor_name: str, *, rank: int = 0,

@@ -1,9 +1,11 @@
-"""Reading WebDataset tars as img2dataset writes them: members grouped into samples, damage kept local.
+"""Reading WebDataset tars as img2dataset writes them, as streams: members grouped into samples, damage kept local.
 
 A sample is the run of tar members sharing a key (the name up to the first dot of the basename):
-``KEY.jpg|jpeg|png|webp`` (image), ``KEY.txt`` (caption), ``KEY.json`` (metadata). A sample missing its
-image or caption, or with unreadable JSON, is dropped and counted; a tar damaged part-way keeps every
-complete sample before the damage. Runs wherever shards are read (Ray Data read tasks, the held-out reader).
+``KEY.jpg|jpeg|png|webp`` (image), ``KEY.txt`` (caption, or a field of ``KEY.json`` with ``caption_key``),
+``KEY.json`` (metadata). A sample missing its image or caption, or with unreadable JSON, is dropped and
+counted; a tar damaged part-way keeps every complete sample before the damage. Shards are read as
+streams in blocks of samples, so memory does not grow with a shard's size (LAION shards are 0.3-1 GB).
+Runs wherever shards are read (Ray Data read tasks, the index job, the held-out reader).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from orchestrator import storage
@@ -38,64 +41,148 @@ class ShardParse:
     truncated: bool = False
 
 
-def _sample_from_members(ordinal: int, key: str, members: dict[str, bytes], parse: ShardParse) -> None:
+def _caption_from(meta: dict, caption_key: str) -> str:
+    value = meta
+    for part in caption_key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return str(value).strip() if isinstance(value, (str, int, float)) else ""
+
+
+def _sample_or_error(ordinal: int, key: str, members: dict[str, bytes], caption_key: str | None) -> RawSample | str:
+    """The sample a key's members make, or the name of what is wrong with it (counted by the caller)."""
     image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None)
-    caption = members.get("txt", b"").decode("utf-8", errors="replace").strip()
     if image is None:
-        parse.errors["missing_image"] += 1
-        return
-    if not caption:
-        parse.errors["missing_caption"] += 1
-        return
+        return "missing_image"
     meta = {}
     if "json" in members:
         try:
             meta = json.loads(members["json"])
         except (json.JSONDecodeError, UnicodeDecodeError):
-            parse.errors["bad_json"] += 1
-            return
-    parse.samples.append(RawSample(ordinal, key, image, caption, meta if isinstance(meta, dict) else {}))
+            return "bad_json"
+    meta = meta if isinstance(meta, dict) else {}
+    if caption_key:
+        caption = _caption_from(meta, caption_key)
+    else:
+        caption = members.get("txt", b"").decode("utf-8", errors="replace").strip()
+    if not caption:
+        return "missing_caption"
+    return RawSample(ordinal, key, image, caption, meta)
 
 
-def parse_shard(data: bytes) -> ShardParse:
-    """Split a WebDataset tar into samples (members grouped by key = name up to the first dot).
+def iter_samples(stream, caption_key: str | None = None) -> Iterator[tuple[int, RawSample | str]]:
+    """``(ordinal, sample or error name)`` per key of a WebDataset tar, read as a stream (one member in memory).
+
+    A key is the member name up to the first dot of its basename (WebDataset's rule: ``a/b.c.jpg`` is key
+    ``a/b``, suffix ``c.jpg``); suffixes are matched lower-case, so ``.JPG`` and ``.jpeg`` are images.
+    Raises ``tarfile.TarError`` / ``EOFError`` where the tar is damaged (the key being read then is lost)
+    and ``OSError`` where the stream fails.
+    """
+    ordinal, key, members = 0, None, {}
+    with tarfile.open(fileobj=stream, mode="r|") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            directory, _, base = member.name.rpartition("/")
+            member_key, _, suffix = base.partition(".")
+            member_key = f"{directory}/{member_key}" if directory else member_key
+            if member_key != key and key is not None:
+                yield ordinal, _sample_or_error(ordinal, key, members, caption_key)
+                ordinal, members = ordinal + 1, {}
+            key = member_key
+            members[suffix.lower()] = archive.extractfile(member).read()
+    if key is not None:
+        yield ordinal, _sample_or_error(ordinal, key, members, caption_key)
+
+
+def parse_shard(data: bytes, caption_key: str | None = None) -> ShardParse:
+    """A whole in-memory tar split into samples (small shards: the held-out split, tests, benchmarks).
 
     A tar damaged part-way keeps every complete sample before the damage and sets ``truncated``.
     """
-    parse, ordinal = ShardParse(), 0
-    key, members = None, {}
+    parse = ShardParse()
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                directory, _, base = member.name.rpartition("/")
-                member_key, _, extension = base.partition(".")
-                member_key = f"{directory}/{member_key}" if directory else member_key
-                if member_key != key and key is not None:
-                    _sample_from_members(ordinal, key, members, parse)
-                    ordinal, members = ordinal + 1, {}
-                key = member_key
-                members[extension.lower()] = archive.extractfile(member).read()
+        for _, outcome in iter_samples(io.BytesIO(data), caption_key):
+            if isinstance(outcome, str):
+                parse.errors[outcome] += 1
+            else:
+                parse.samples.append(outcome)
     except (tarfile.TarError, EOFError, OSError):
         parse.truncated = True
-        members = {}  # the sample being read when the damage hit is incomplete
-    if key is not None and members:
-        _sample_from_members(ordinal, key, members, parse)
     return parse
 
 
-def fetch_shard(location: storage.Location, retries: int, backoff_s: float) -> tuple[bytes | None, int, str | None]:
-    """Read a whole shard, retrying with exponential backoff: (bytes or None, failed attempts, last error)."""
-    error = None
+@dataclass
+class ShardRead:
+    """What reading one shard came to: samples passed on, bad samples by kind, and how the read ended."""
+
+    yielded: int = 0
+    errors: Counter = field(default_factory=Counter)
+    truncated: bool = False
+    skipped: bool = False
+    failed_attempts: int = 0
+    error: str | None = None
+
+    def report(self, expected: int) -> dict:
+        """The monitor's view: counts plus the samples lost against (or found beyond) the expected count."""
+        bad = sum(self.errors.values())
+        return {"yielded": self.yielded, "errors": dict(self.errors), "truncated": self.truncated,
+                "skipped": self.skipped, "failed_attempts": self.failed_attempts, "error": self.error,
+                "lost": max(0, expected - self.yielded - bad) if (self.truncated or self.skipped) else 0,
+                "count_gap": self.yielded + bad - expected if not (self.truncated or self.skipped) else 0}
+
+
+def stream_shard(location: storage.Location, read: ShardRead, *, block_samples: int, caption_key: str | None = None,
+                 retries: int = 0, backoff_s: float = 0.0, before_block=None) -> Iterator[list[RawSample]]:
+    """A shard's good samples in blocks of ``block_samples``, streamed: memory is about one block.
+
+    A failed read (``OSError``: network, missing object) is retried with exponential backoff from the
+    shard's start, passing over the samples already given out, so nothing is yielded or counted twice;
+    after ``retries`` the rest of the shard is skipped. A damaged tar (deterministic) is not retried: the
+    complete samples before the damage are kept. ``before_block()`` runs before each block is read (the
+    read-ahead bound waits there). Counts accumulate in ``read``.
+    """
+    committed = 0  # ordinals below this were given out (or counted bad) in an earlier block
     for attempt in range(retries + 1):
+        block, pending = [], Counter()
         try:
-            return storage.read_bytes(location), attempt, None
+            if before_block:
+                before_block()
+            with location.fs.open_input_stream(location.path) as stream:
+                for ordinal, outcome in iter_samples(stream, caption_key):
+                    if ordinal < committed:
+                        continue
+                    if isinstance(outcome, str):
+                        pending[outcome] += 1
+                    else:
+                        block.append(outcome)
+                    if len(block) == block_samples:
+                        _commit(read, block, pending)
+                        committed = ordinal + 1
+                        yield block
+                        block, pending = [], Counter()
+                        if before_block:
+                            before_block()
+            _commit(read, block, pending)
+            if block:
+                yield block
+            return
+        except (tarfile.TarError, EOFError):
+            read.truncated = True
+            _commit(read, block, pending)
+            if block:
+                yield block
+            return
         except (OSError, storage.StorageError) as exc:  # pyarrow raises OSError subclasses for S3 and disk errors
-            error = f"{type(exc).__name__}: {exc}"
+            read.failed_attempts += 1
+            read.error = f"{type(exc).__name__}: {exc}"
             if attempt < retries:
                 time.sleep(backoff_s * (2 ** attempt))
-    return None, retries + 1, error
+    read.skipped, read.truncated = read.yielded == 0, read.yielded > 0
+
+
+def _commit(read: ShardRead, block: list[RawSample], pending: Counter) -> None:
+    read.yielded += len(block)
+    read.errors.update(pending)
 
 
 def decode_image(encoded: bytes):

@@ -13,7 +13,7 @@ from typing import Any
 
 from orchestrator import runs
 from orchestrator.config import RunConfig
-from orchestrator.data import StreamProgress, build_train_dataset, control_actor_options, open_shard_set
+from orchestrator.data import StreamProgress, VisitTable, build_train_dataset, control_actor_options, resolve_sources
 from orchestrator.train.checkpoint import TrainState, read_state
 
 REGISTRY_NAMESPACE = "rayclip-data"
@@ -71,6 +71,7 @@ class TrainDatasetFactory:
     # while someone references it, and the controller lives exactly as long as the run. A class attribute,
     # so every call in the controller shares it (the class is pickled by reference, the instance by value).
     live_registries: dict[str, Any] = {}
+    resolved_sources: dict[str, list] = {}  # run name -> its resolved shard sets (listed and counted once)
 
     def __init__(self, cfg: RunConfig):
         self.config = cfg.model_dump(mode="json")
@@ -81,8 +82,13 @@ class TrainDatasetFactory:
         run = RunConfig.from_dict(self.config)
         state = latest_checkpoint_state(run)
         progress = state.data_position.stream if state is not None else StreamProgress()
-        _, manifest = open_shard_set(run.data.shards, run.data.s3_endpoint_url)
-        stream = build_train_dataset(run.data, epochs=epochs_to_plan(run, manifest.total_samples), position=progress)
+        resolved = TrainDatasetFactory.resolved_sources
+        if run.name not in resolved:
+            resolved[run.name] = resolve_sources(run.data)
+        sources = resolved[run.name]
+        per_epoch = VisitTable.of_sources(sources).samples_per_epoch
+        stream = build_train_dataset(run.data, epochs=epochs_to_plan(run, per_epoch), position=progress,
+                                     sources=sources, consumers=run.scaling.num_workers)
         name, live = registry_name(run), TrainDatasetFactory.live_registries
         if name not in live:  # the creating handle owns the actor: keep that one, not a borrowed one
             live[name] = ray.remote(StreamRegistry).options(**control_actor_options(name, REGISTRY_NAMESPACE)).remote()

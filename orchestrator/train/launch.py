@@ -15,7 +15,7 @@ from pathlib import Path
 
 from orchestrator import runs
 from orchestrator.config import ConfigError, RunConfig, in_ray_job_copy
-from orchestrator.data import open_shard_set
+from orchestrator.data import open_shard_set, resolve_source
 from orchestrator.logs import get_logger, quiet_ray_driver
 from orchestrator.storage import StorageError
 from orchestrator.train.checkpoint import EXPORT_FILE
@@ -135,15 +135,18 @@ def check_inputs(cfg: RunConfig) -> None:
     Raises :class:`ConfigError` naming the field; under ``ray job submit --working-dir`` a local path
     that resolved into Ray's temporary copy of the directory (where ``data/`` is not shipped) says so.
     """
-    inputs = {"data.shards": cfg.data.shards}
+    checks = [(f"data.sources[{i}].shards" if cfg.data.sources else "data.shards", source.shards,
+               lambda source=source: resolve_source(source, cfg.data.s3_endpoint_url))
+              for i, source in enumerate(cfg.data.source_list())]
     if cfg.eval.enabled:
-        inputs["data.heldout"] = cfg.data.heldout_url
-    for field, url in inputs.items():
+        checks.append(("data.heldout", cfg.data.heldout_url,
+                       lambda: open_shard_set(cfg.data.heldout_url, cfg.data.s3_endpoint_url)))
+    for field, url, check in checks:
         try:
-            open_shard_set(url, cfg.data.s3_endpoint_url)
+            check()
         except (StorageError, OSError, ValueError) as error:
             hint = ""
-            if in_ray_job_copy() and not url.startswith("s3://"):
+            if in_ray_job_copy() and not str(url).startswith("s3://"):
                 hint = (f" (a job of `ray job submit --working-dir` runs in a temporary copy that holds no data: "
                         f"pass the shards' absolute path or an s3:// URL, e.g. --set {field}=/abs/path)")
             raise ConfigError(f"{field}={url!r}: {error}{hint}") from None

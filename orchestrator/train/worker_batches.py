@@ -16,7 +16,14 @@ import torch
 from models import channels_last_batch_to_model
 from orchestrator.collectives import all_gather_objects, all_reduce_sum
 from orchestrator.config import RunConfig
-from orchestrator.data import SHARD_ID_BITS, DataPosition, iter_train_batches, open_shard_set, stream_counters, stream_position
+from orchestrator.data import (
+    SHARD_ID_BITS,
+    DataPosition,
+    iter_train_batches,
+    stream_counters,
+    stream_position,
+    stream_visit_names,
+)
 from orchestrator.train.controller_datasets import current_monitor
 
 
@@ -35,8 +42,7 @@ class TrainBatches:
         self.monitor_name = current_monitor(cfg)
         self.rank = ray.train.get_context().get_world_rank()
         self.shard = ray.train.get_dataset_shard("train")
-        _, manifest = open_shard_set(cfg.data.shards, cfg.data.s3_endpoint_url)
-        self.shard_names = [shard.name for shard in manifest.shards]
+        self.shard_names = stream_visit_names(self.monitor_name)  # visit index -> position key
         self.saved = position  # the last position this run saved (or resumed from)
         self.skip = position.consumed_ordinals()  # (epoch, shard name) -> ordinals trained on before the resume
         self.consumed: dict[tuple[int, str], list[int]] = defaultdict(list)

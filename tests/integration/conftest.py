@@ -116,3 +116,11 @@ def tiny_run_config(fashion_mnist_shards: str, tmp_path):
         return name_run(resolve_local_paths(load_config(None, base + list(overrides)), tmp_path))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def img2dataset_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real img2dataset WebDataset output (5 shards of up to 40 Tux Paint stamps, 3 failed entries), made once."""
+    from tests.img2dataset_output import write_img2dataset_shards
+
+    return write_img2dataset_shards(tmp_path_factory.mktemp("img2dataset"))

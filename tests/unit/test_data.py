@@ -16,12 +16,18 @@ from orchestrator.data import (
     DataConfig,
     DataStreamMonitor,
     DecodeAugmentTokenize,
+    ReadAhead,
     StreamProgress,
+    ShardRead,
+    ShardRef,
+    SourceShards,
+    VisitTable,
     decode_image,
-    fetch_shard,
     parse_shard,
     plan_epochs,
+    read_ahead_bound,
     shard_order,
+    stream_shard,
 )
 
 
@@ -68,9 +74,66 @@ def test_garbage_is_a_truncated_shard_with_no_samples():
     assert parse.samples == [] and parse.truncated
 
 
-def test_fetch_shard_retries_then_gives_up(tmp_path):
-    data, failed, error = fetch_shard(storage.resolve(str(tmp_path / "none.tar")), retries=2, backoff_s=0.0)
-    assert data is None and failed == 3 and "none.tar" in error
+def test_stream_shard_retries_then_gives_up(tmp_path):
+    read = ShardRead()
+    blocks = list(stream_shard(storage.resolve(str(tmp_path / "none.tar")), read, block_samples=4, retries=2))
+    assert blocks == [] and read.failed_attempts == 3 and read.skipped and "none.tar" in read.error
+
+
+class _FailingOnce:
+    """A file system whose stream of one file breaks after ``cut`` bytes on the first open only."""
+
+    def __init__(self, path, cut):
+        self.path, self.cut, self.opens = path, cut, 0
+
+    def open_input_stream(self, path):
+        self.opens += 1
+        data = open(self.path, "rb").read()
+        if self.opens > 1:
+            return io.BytesIO(data)
+        outer = self
+
+        class Broken(io.BytesIO):
+            def read(self, size=-1):
+                if self.tell() >= outer.cut:
+                    raise OSError("connection reset by peer")
+                return super().read(size if size >= 0 else outer.cut - self.tell())
+
+        return Broken(data)
+
+
+def test_a_retry_resumes_after_the_blocks_already_passed_on(tmp_path):
+    samples = [_good(i) for i in range(10)]
+    samples[7] = {"jpg": _jpeg(), "json": b"{}"}  # one bad sample after the break: counted once
+    samples[1] = {"txt": b"no image"}  # one bad sample before the break: counted once
+    path = tmp_path / "s.tar"
+    path.write_bytes(_tar(samples))
+    fs = _FailingOnce(path, cut=_tar(samples).index(b"caption 6") - 300)  # inside sample 6
+    location = storage.Location(fs, str(path), str(path))
+    read = ShardRead()
+    blocks = list(stream_shard(location, read, block_samples=2, retries=1, backoff_s=0.0))
+    ordinals = [s.ordinal for block in blocks for s in block]
+    assert ordinals == [0, 2, 3, 4, 5, 6, 8, 9] and fs.opens == 2
+    assert read.yielded == 8 and dict(read.errors) == {"missing_image": 1, "missing_caption": 1}
+    assert read.failed_attempts == 1 and not read.skipped and not read.truncated
+    assert max(len(block) for block in blocks) == 2
+
+
+def test_keys_follow_the_first_dot_of_the_basename_and_captions_can_come_from_json():
+    buffer = io.BytesIO()
+    members = [("dir.v2/a.jpg", _jpeg()), ("dir.v2/a.txt", b"from txt"), ("dir.v2/a.json", b'{"meta": {"alt": "nested"}}'),
+               ("dir.v2/b.JPEG", _jpeg()), ("dir.v2/b.seg.png", _jpeg()), ("dir.v2/b.json", b'{"caption": "top"}')]
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    parse = parse_shard(buffer.getvalue())
+    assert [s.key for s in parse.samples] == ["dir.v2/a"] and dict(parse.errors) == {"missing_caption": 1}
+    nested = parse_shard(buffer.getvalue(), caption_key="meta.alt")
+    assert [(s.key, s.caption) for s in nested.samples] == [("dir.v2/a", "nested")]
+    top = parse_shard(buffer.getvalue(), caption_key="caption")
+    assert [(s.key, s.caption) for s in top.samples] == [("dir.v2/b", "top")]  # .JPEG is the image, not .seg.png
 
 
 def test_shard_order_is_a_seeded_permutation_per_epoch():
@@ -79,22 +142,50 @@ def test_shard_order_is_a_seeded_permutation_per_epoch():
     assert shard_order(10, 0, 0) != shard_order(10, 0, 1)
 
 
+def _source(name, counts, weight=1.0):
+    shards = tuple(ShardRef(f"/d/{name}/{i:05d}.tar", f"{i:05d}.tar", n) for i, n in enumerate(counts))
+    return SourceShards(name, weight, shards, {"manifest.json": len(counts)})
+
+
+def _table(*sources):
+    return VisitTable.of_sources(list(sources))
+
+
 def test_plan_resumes_at_position_without_the_completed_shards():
-    names = [f"{i:05d}.tar" for i in range(4)]
-    plan = plan_epochs(names, seed=3, epochs=3, position=StreamProgress(1, {1: frozenset({"00002.tar"})}))
+    table = _table(_source("a", [5] * 4))
+    plan = plan_epochs(table, seed=3, epochs=3, position=StreamProgress(1, {1: frozenset({"00002.tar"})}))
     assert [r["epoch"] for r in plan] == [1, 1, 1, 2, 2, 2, 2]
-    assert 2 not in [r["shard_index"] for r in plan if r["epoch"] == 1]
-    with pytest.raises(ValueError, match="not in the manifest"):
-        plan_epochs(names, 0, 1, StreamProgress(0, {0: frozenset({"zz.tar"})}))
+    assert 2 not in [r["visit"] for r in plan if r["epoch"] == 1]
+    assert [r["visit"] for r in plan if r["epoch"] == 2] == shard_order(4, 3, 2)  # one source: a shard permutation
+    assert plan[0]["url"] == f"/d/a/{table.visits[plan[0]['visit']].name}" and plan[0]["samples"] == 5
+    with pytest.raises(ValueError, match="not in this shard set"):
+        plan_epochs(table, 0, 1, StreamProgress(0, {0: frozenset({"zz.tar"})}))
 
 
-def _report(yielded, lost=0, truncated=False, skipped=False, errors=None):
+def test_weights_visit_shards_whole_times_plus_a_seeded_fraction_per_epoch():
+    table = _table(_source("laion", [10] * 4, weight=1.5), _source("cc", [10] * 6, weight=2.0), _source("tiny", [10] * 10, weight=0.3))
+    assert table.samples_per_epoch == round(1.5 * 40 + 2 * 60 + 0.3 * 100)
+    names = {v.name for v in table.visits}
+    assert "laion/00000.tar" in names and "laion/00000.tar#1" in names and "cc/00005.tar#1" in names
+    for epoch in range(3):
+        visits = [table.visits[i] for i in table.epoch_visits(seed=0, epoch=epoch)]
+        per_source = {s: [v for v in visits if v.source == s] for s in range(3)}
+        assert len(per_source[0]) == 4 + 2 and len(per_source[1]) == 12 and len(per_source[2]) == 3
+        assert len({v.name for v in visits}) == len(visits)
+    subsets = [frozenset(table.visits[i].shard for i in table.epoch_visits(0, e) if table.visits[i].source == 2)
+               for e in range(5)]
+    assert len(set(subsets)) > 1  # a different fraction each epoch
+    assert table.epoch_visits(0, 1) == table.epoch_visits(0, 1) != table.epoch_visits(1, 1)
+
+
+def _report(yielded, lost=0, truncated=False, skipped=False, errors=None, gap=0):
     return {"yielded": yielded, "errors": errors or {}, "truncated": truncated, "skipped": skipped,
-            "failed_attempts": 4 if skipped else 0, "error": "gone" if skipped else None, "lost": lost}
+            "failed_attempts": 4 if skipped else 0, "error": "gone" if skipped else None, "lost": lost,
+            "count_gap": gap}
 
 
 def test_monitor_marks_shards_complete_and_reports_position():
-    monitor = DataStreamMonitor(["a.tar", "b.tar"], samples_per_epoch=20, max_error_fraction=0.5)
+    monitor = DataStreamMonitor(_table(_source("a", [10, 10])), seed=0, max_error_fraction=0.5)
     monitor.record_read(0, 0, _report(10))
     monitor.record_decode_errors({(0, 0): 1})
     monitor.record_consumed({(0, 0): 8})
@@ -107,15 +198,53 @@ def test_monitor_marks_shards_complete_and_reports_position():
 
 
 def test_monitor_fails_past_the_error_budget_naming_the_shard():
-    monitor = DataStreamMonitor(["a.tar", "b.tar"], samples_per_epoch=100, max_error_fraction=0.05)
+    monitor = DataStreamMonitor(_table(_source("a", [50, 50])), seed=0, max_error_fraction=0.05)
     monitor.record_read(0, 0, _report(47, lost=3, truncated=True))
     assert monitor.record_consumed({(0, 0): 47}) is None
     monitor.record_read(1, 1, _report(47, errors={"bad_json": 3}))
     assert monitor.get_failure() is None  # budgets are per epoch
     monitor.record_read(0, 1, _report(47, errors={"missing_caption": 3}))
     failure = monitor.get_failure()
-    assert "epoch 0" in failure and "a.tar: epoch 0: 3 samples_lost_to_truncation" in failure
-    assert "b.tar" in failure and "6 bad or lost samples" in failure
+    assert "epoch 0" in failure and "00000.tar: epoch 0: 3 samples_lost_to_truncation" in failure
+    assert "00001.tar" in failure and "6 bad or lost samples" in failure
+
+
+def test_monitor_reports_count_mismatches_without_charging_the_budget():
+    monitor = DataStreamMonitor(_table(_source("a", [10, 10])), seed=0, max_error_fraction=0.0)
+    monitor.record_read(0, 0, _report(12, gap=2))
+    monitor.record_read(0, 1, _report(7, gap=-3))
+    counters = monitor.get_counters()
+    assert (counters["count_mismatch_shards"], counters["samples_beyond_count"], counters["samples_short_of_count"]) == (2, 2, 3)
+    assert monitor.get_failure() is None and "-3 samples" in monitor.get_problem_shards()["00001.tar"][0]
+    monitor.record_consumed({(0, 0): 12, (0, 1): 7})
+    assert monitor.get_position().epoch == 1  # completion follows what was read, not the listed count
+
+
+def test_monitor_bounds_the_read_ahead_and_counts_per_source():
+    monitor = DataStreamMonitor(_table(_source("a", [10]), _source("b", [10])), seed=0, max_error_fraction=1.0,
+                                read_ahead=ReadAhead(floor=8))
+    assert monitor.has_room()
+    monitor.record_block(0, 6)
+    monitor.record_block(1, 4)
+    assert not monitor.has_room()  # 10 samples in flight >= window 8
+    monitor.record_consumed({(0, 0): 3})
+    assert monitor.has_room()
+    counters = monitor.get_counters()
+    assert counters["source/a/samples_read"] == 6 and counters["source/b/samples_read"] == 4
+    assert counters["source/a/samples_consumed"] == 3 and "source/b/samples_consumed" not in counters
+    unbounded = DataStreamMonitor(_table(_source("a", [10])), seed=0, max_error_fraction=1.0)
+    unbounded.record_block(0, 10_000)
+    assert unbounded.has_room() and "source/a/samples_read" not in unbounded.get_counters()  # one source: no split
+
+
+def test_read_ahead_window_grows_with_the_consumption_rate():
+    bound = ReadAhead(floor=100, seconds=10)
+    assert bound.window(0.0) == 100 and bound.window(50.0) == 600
+    assert ReadAhead(floor=100, fixed=40).window(50.0) == 100 and ReadAhead(floor=100, fixed=400).window(0) == 400
+    cfg = DataConfig(batch_size=8, shuffle_buffer=16, decode_concurrency=2, decode_batch_size=4, read_block_samples=5)
+    assert read_ahead_bound(cfg, consumers=2).floor == 2 * (16 + 24) + 3 * 4 + 10
+    assert read_ahead_bound(cfg.model_copy(update={"read_ahead_batches": "unbounded"}), 2).window(1e6) is None
+    assert read_ahead_bound(cfg.model_copy(update={"read_ahead_batches": 100}), 2).fixed == 2 * 100 * 8
 
 
 def test_decode_stage_drops_corrupt_images_and_tokenizes():
@@ -146,6 +275,25 @@ def test_data_config_validates_and_resolves_relative_paths():
     cfg = DataConfig(shards="data/x").resolved("/base")
     assert cfg.shards == "/base/data/x" and cfg.heldout_url == "/base/data/x/heldout"
     assert DataConfig(shards="s3://b/p").resolved("/base").shards == "s3://b/p"
+    listed = DataConfig(shards=["a/{0..1}.tar", "s3://b/c"], manifest="m.json").resolved("/base")
+    assert listed.shards == ["/base/a/{0..1}.tar", "s3://b/c"] and listed.manifest == "/base/m.json"
+    assert listed.heldout_url is None  # a list names no single folder to hold the held-out split
+
+
+def test_weighted_sources_are_validated_naming_the_field():
+    cfg = DataConfig(sources=[{"shards": "s3://b/laion400m/{00000..00009}.tar", "weight": 2},
+                              {"shards": "cc12m", "manifest": "idx/m.json"}]).resolved("/base")
+    assert [(s.display_name, s.weight) for s in cfg.source_list()] == [("laion400m", 2.0), ("cc12m", 1.0)]
+    assert cfg.sources[1].shards == "/base/cc12m" and cfg.sources[1].manifest == "/base/idx/m.json"
+    with pytest.raises(ValidationError, match="not both"):
+        DataConfig(shards="x", sources=[{"shards": "y"}])
+    with pytest.raises(ValidationError, match="distinct names"):
+        DataConfig(sources=[{"shards": "a/x"}, {"shards": "b/x"}])
+    with pytest.raises(ValidationError, match="weight"):
+        DataConfig(sources=[{"shards": "a", "weight": 0}])
+    with pytest.raises(ValidationError, match="read_ahead_batches"):
+        DataConfig(read_ahead_batches=0)
+    assert DataConfig(shards="one").source_list()[0].shards == "one"
 
 
 def test_storage_rejects_unknown_schemes_and_bad_endpoints():

@@ -9,13 +9,16 @@ Each 1-core path runs ``--rounds`` times, interleaved with the others; the media
 
 * ``open_clip``: open_clip-train's WebDataset pipeline (tar -> decode("pilrgb") -> open_clip's train transform
   -> open_clip's tokenizer), one process, one torch thread: its per-core rate.
-* ``rayclip stage``: our read stage's tar split + ``DecodeAugmentTokenize``, one process, one thread.
-* ``decode floor``: tar split + the stream's JPEG decoder (torchvision) and nothing else; ``PIL decode floor``
-  the same with PIL (open_clip's decoder). No pipeline using that decoder can beat its floor.
-* ``ray data xN``: the full ``build_train_dataset`` stream with N decode actors, consumed on the driver,
-  steady state (the samples between 30% and 95% of the run, past start-up and the initial prefetch), to
-  show whether the Ray Data path scales with CPUs (on a 2-core machine shared with the driver, N = 2
-  competes with the consumer and Ray's own processes).
+* ``rayclip stage``: our read stage's streamed tar split (``stream_shard`` in blocks of
+  ``read_block_samples``, as the read tasks do) + ``DecodeAugmentTokenize``, one process, one thread.
+* ``decode floor``: the same streamed tar split + the stream's JPEG decoder (torchvision) and nothing else;
+  ``PIL decode floor`` the same with PIL (open_clip's decoder). No pipeline using that decoder can beat its floor.
+* ``ray data xN``: the full ``build_train_dataset`` stream with N decode actors, consumed on the driver
+  through ``iter_train_batches`` (so the read-ahead bound, ``read_ahead_batches: auto``, sees what is
+  consumed), steady state (the samples between 30% and 95% of the run, past start-up and the initial
+  prefetch), to show whether the Ray Data path scales with CPUs (on a 2-core machine shared with the
+  driver, N = 2 competes with the consumer and Ray's own processes); ``unbounded`` the same without the
+  bound, to show what the bound costs.
 """
 
 from __future__ import annotations
@@ -25,19 +28,24 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stream_watch import consume_watched  # noqa: E402
+
+from orchestrator import storage  # noqa: E402
 from orchestrator.data import (  # noqa: E402
     DataConfig,
     DecodeAugmentTokenize,
+    RawSample,
+    ShardRead,
     build_train_dataset,
     decode_image,
-    iter_train_batches,
-    parse_shard,
+    stream_shard,
 )
 from orchestrator.data import ShardOptions, SourceRecord, captioned_folder_records, prepare_shards  # noqa: E402
 
@@ -90,11 +98,21 @@ def open_clip_pipeline(tars: list[str], image_size: int, batch_size: int) -> int
     return sum(len(images) for images, _ in pipeline)
 
 
+def streamed_blocks(tars: list[str]) -> Iterator[list[RawSample]]:
+    """The shards' good samples as the stream's read tasks read them: streamed, in blocks of the default size."""
+    block_samples = DataConfig.model_fields["read_block_samples"].default
+    for tar in tars:
+        yield from stream_shard(storage.resolve(tar), ShardRead(), block_samples=block_samples)
+
+
+def streamed_samples(tars: list[str]) -> Iterator[RawSample]:
+    return (sample for block in streamed_blocks(tars) for sample in block)
+
+
 def rayclip_stage(tars: list[str], image_size: int, batch_size: int) -> int:
     stage = DecodeAugmentTokenize(image_size, "uint8", 77, monitor_name=None)
     count = 0
-    for tar in tars:
-        samples = parse_shard(Path(tar).read_bytes()).samples
+    for samples in streamed_blocks(tars):
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
             batch = {"image": np.array([s.image for s in chunk], dtype=object),
@@ -107,7 +125,7 @@ def rayclip_stage(tars: list[str], image_size: int, batch_size: int) -> int:
 
 def decode_floor(tars: list[str]) -> int:
     """Tar split + the stream's own decoder (torchvision, libjpeg-turbo) to a CHW uint8 tensor."""
-    return sum(decode_image(s.image).shape[0] > 0 for tar in tars for s in parse_shard(Path(tar).read_bytes()).samples)
+    return sum(decode_image(s.image).shape[0] > 0 for s in streamed_samples(tars))
 
 
 def pil_decode_floor(tars: list[str]) -> int:
@@ -116,22 +134,30 @@ def pil_decode_floor(tars: list[str]) -> int:
 
     from PIL import Image
 
-    return sum(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB")).shape[0] > 0
-               for tar in tars for s in parse_shard(Path(tar).read_bytes()).samples)
+    return sum(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB")).shape[0] > 0 for s in streamed_samples(tars))
 
 
-def ray_data_steady_rate(folder: Path, image_size: int, batch_size: int, actors: int, epochs: int) -> tuple[int, float]:
-    """The full stream consumed on the driver; (samples, seconds) between 30% and 95% of the run's samples.
+def ray_data_steady_rate(folder: Path, image_size: int, batch_size: int, actors: int, epochs: int,
+                         read_ahead: str, stall_s: float) -> tuple[int, float] | str:
+    """The full stream consumed on the driver; (samples, seconds) between 30% and 95% of the run's samples,
+    or what the stream stalled at (no batch for ``stall_s``, 3 minutes for the first: it never hangs).
 
     Start-up (actors, planning) and the blocks Ray Data prefetches before the first batch would inflate a
     rate counted from the first batch; the window starts well after them."""
     cfg = DataConfig(shards=str(folder), image_size=image_size, batch_size=batch_size, shuffle_buffer=0,
-                     decode_concurrency=actors, decode_batch_size=batch_size)
+                     decode_concurrency=actors, decode_batch_size=batch_size, read_ahead_batches=read_ahead)
     stream = build_train_dataset(cfg, epochs=epochs)
-    marks, count = [], 0
-    for batch in iter_train_batches(stream.dataset, cfg, stream.monitor_name):
-        count += len(batch["image"])
-        marks.append((count, time.perf_counter()))
+    marks = []
+
+    def mark(batch) -> bool:
+        marks.append(((marks[-1][0] if marks else 0) + len(batch["image"]), time.perf_counter()))
+        return False
+
+    watched = consume_watched(stream, cfg, mark, stall_s=stall_s)
+    if watched.outcome != "finished":
+        return (f"{watched.outcome} ({watched.detail}): data/samples_read {watched.counters['samples_read']}, "
+                f"data/samples_consumed {watched.counters['samples_consumed']}, read-ahead window {watched.window}")
+    count = marks[-1][0]
     first = next(mark for mark in marks if mark[0] >= 0.30 * count)
     last = next(mark for mark in marks if mark[0] >= 0.95 * count)
     return last[0] - first[0], last[1] - first[1]
@@ -146,6 +172,7 @@ def main() -> None:
     parser.add_argument("--max-actors", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--epochs", type=int, default=8, help="epochs streamed by the Ray Data runs")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the 1-core paths (median)")
+    parser.add_argument("--stall-s", type=float, default=60.0, help="a Ray Data run with no batch this long is reported stalled")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -154,7 +181,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     folder = Path(args.workdir) / "shards"
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}})
     tars = make_shards(folder, args.crops_per_photo)
     size, batch = args.image_size, args.batch_size
@@ -169,18 +196,24 @@ def main() -> None:
         for name, run in single_core.items():
             rounds[name].append(timed(run))
     results = {name: sorted(runs, key=lambda run: run[1])[len(runs) // 2] for name, runs in rounds.items()}
+    stalls = {}
     for actors in range(1, args.max_actors + 1):
-        results[f"ray data x{actors} actors"] = ray_data_steady_rate(folder, size, batch, actors, args.epochs)
+        for read_ahead, name in (("auto", f"ray data x{actors} actors"), ("unbounded", f"ray data x{actors}, unbounded")):
+            outcome = ray_data_steady_rate(folder, size, batch, actors, args.epochs, read_ahead, args.stall_s)
+            (stalls if isinstance(outcome, str) else results)[name] = outcome
     ray.shutdown()
     rates = {name: count / seconds for name, (count, seconds) in results.items()}
     for name, (count, seconds) in results.items():
         print(f"{name:28s} {count:6d} samples {seconds:7.2f} s {rates[name]:8.1f} samples/s")
+    for name, outcome in stalls.items():
+        print(f"{name:28s} {outcome}")
     ours = rates["rayclip stage (1 core)"]
     print(f"rayclip / open_clip per core: {ours / rates['open_clip (1 core)']:.2f}x (goal >= 1.0)")
     print(f"rayclip / decode floor:       {ours / rates['decode floor (1 core)']:.0%} (goal >= 70%)")
     print(f"rayclip / PIL decode floor:   {ours / rates['PIL decode floor (1 core)']:.0%}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"samples_per_s": rates, "cpus": os.cpu_count()}, indent=1))
+        Path(args.json).write_text(json.dumps({"samples_per_s": rates, "not_finished": stalls, "cpus": os.cpu_count()},
+                                              indent=1))
 
 
 if __name__ == "__main__":

@@ -109,9 +109,10 @@ class DataConfig(ConfigSection):
     """Samples per block a read task passes on while it streams a shard: the read stage's memory is about
     one block, whatever the shard's size (LAION shards are 0.3-1 GB)."""
     read_ahead_batches: int | Literal["auto", "unbounded"] = "auto"
-    """Batches per training worker the read stage may run ahead of training. auto: the pipeline's own
-    buffers (shuffle buffer, decode batches, read blocks) plus what training consumes in
-    ``read_ahead_s``; unbounded: read as fast as Ray Data allows (benchmarks of the stream alone)."""
+    """Batches per training worker the stream may read ahead of training (a read task opens its shard only
+    below the window, so add up to one shard per read task). auto: the pipeline's own buffers (shuffle
+    buffer, decode batches, read blocks) plus what training consumes in ``read_ahead_s``; unbounded:
+    read as fast as Ray Data allows (benchmarks of the stream alone)."""
     read_ahead_s: float = Field(default=20.0, gt=0)
     """With ``read_ahead_batches: auto``: seconds of consumption, at the measured rate, to read ahead."""
     max_error_fraction: float = Field(default=0.01, ge=0.0, le=1.0)

@@ -18,6 +18,7 @@ from orchestrator.data.visits import VisitTable
 SAMPLE_ERRORS = ("missing_caption", "missing_image", "bad_json", "decode_error")
 
 RATE_INTERVAL_S = 5.0  # how often the consumption rate behind the read-ahead window is measured
+STALL_S = 2.0  # without consumption for this long, the read-ahead bound lets one more shard be read
 
 MONITOR_NAMESPACE = "rayclip-data"  # explicit, so Train workers and Data actors find the monitor by name
 
@@ -60,7 +61,8 @@ class DataStreamMonitor:
     consumed + decode-dropped samples reach what the read stage yielded; the set of complete visits is
     the resumable position. Bad or lost samples are charged to their epoch; past ``max_error_fraction``
     of the epoch's samples the monitor records a failure naming the shards, which every consumer then
-    raises. Read tasks ask :meth:`has_room` before each block: the read-ahead bound.
+    raises. Read tasks ask :meth:`has_room` before they open a shard: the read-ahead bound (so the stream
+    reads at most the window plus one shard per read task ahead of training).
     """
 
     def __init__(self, table: VisitTable, seed: int, max_error_fraction: float,
@@ -83,6 +85,7 @@ class DataStreamMonitor:
         self.failure: str | None = None
         self.rate_mark = None  # (time, samples consumed) of the last rate measurement
         self.rate = 0.0
+        self.last_progress = self.last_stall_pass = time.monotonic()
 
     def _source(self, visit: int) -> str:
         return self.table.source_names[self.table.visits[visit].source]
@@ -93,10 +96,23 @@ class DataStreamMonitor:
         self.by_source[f"{self._source(visit)}/samples_read"] += samples
 
     def has_room(self) -> bool:
-        """Whether the read stage may read another block: samples in flight are below the window."""
+        """Whether a read task may open its shard: samples read but not yet consumed are below the window.
+
+        Past the window, one read task is still let through per ``STALL_S`` in which nothing was consumed:
+        Ray Data hands a task's output on when the task ends, and a task that reads several plan rows may
+        hold the samples training waits for while it waits here. So the bound can never stall the stream,
+        and without training progress it reads at most one shard per ``STALL_S`` ahead.
+        """
         window = self.read_ahead.window(self.rate)
         in_flight = self.counters["samples_read"] - self.counters["samples_consumed"] - self.counters["decode_error"]
-        return window is None or in_flight < window
+        if window is None or in_flight < window:
+            return True
+        now = time.monotonic()
+        if now - max(self.last_progress, self.last_stall_pass) > STALL_S:
+            self.last_stall_pass = now
+            self.counters["read_ahead_stall_passes"] += 1
+            return True
+        return False
 
     def record_read(self, epoch: int, shard: int, report: dict) -> None:
         self.yielded[(epoch, shard)] = report["yielded"]
@@ -130,6 +146,7 @@ class DataStreamMonitor:
             self.counters["samples_consumed"] += count
             self.by_source[f"{self._source(shard)}/samples_consumed"] += count
             self._update_completion(epoch, shard)
+        self.last_progress = time.monotonic()
         self._measure_rate()
         return self.failure
 
@@ -169,7 +186,8 @@ class DataStreamMonitor:
         """Error and progress counters, flat, for MLflow (``data/<name>``; per source ``data/source/<name>/...``)."""
         names = ("shards_read", "samples_read", "samples_consumed", "read_retries", "skipped_shards",
                  "truncated_shards", "samples_lost_to_truncation", "samples_in_skipped_shards",
-                 "count_mismatch_shards", "samples_beyond_count", "samples_short_of_count", *SAMPLE_ERRORS)
+                 "count_mismatch_shards", "samples_beyond_count", "samples_short_of_count",
+                 "read_ahead_stall_passes", *SAMPLE_ERRORS)
         counters = {name: int(self.counters[name]) for name in names}
         if len(self.table.source_names) > 1:
             counters.update({f"source/{key}": int(value) for key, value in sorted(self.by_source.items())})

@@ -1,8 +1,8 @@
 """The stream's Ray Data stages: a read task per shard, and a pool of decode + augment + tokenize actors.
 
-1. ``read_shard_rows`` (Ray task): stream a shard, passing its samples on in blocks while it reads
-   (``orchestrator.data.webdataset``: retries resume after what was passed on), waiting at the
-   read-ahead bound before each block; report the shard's counts to the monitor at its end;
+1. ``read_shard_rows`` (Ray task): wait while the stream is at its read-ahead bound, then stream a shard,
+   passing its samples on in blocks while it reads (``orchestrator.data.webdataset``: retries resume
+   after what was passed on); report the shard's counts to the monitor at its end;
 2. ``DecodeAugmentTokenize`` (Ray actor, ``decode_concurrency`` of them): decode, augment with the model
    library's transforms and tokenize, in batches; a corrupt image drops that sample only and is counted.
 """
@@ -38,20 +38,22 @@ def read_shard_rows(plan: dict[str, np.ndarray], *, endpoint_url: str | None, ca
                     block_samples: int, retries: int, backoff_s: float,
                     monitor_name: str | None) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data read stage: one plan row (epoch, visit, url, samples) in, that shard's good samples out,
-    streamed in blocks of ``block_samples`` as the tar is read (waiting at the read-ahead bound first)."""
+    streamed in blocks of ``block_samples`` as the tar is read.
+
+    The read-ahead bound is checked before the shard is opened, never inside it: Ray Data passes a task's
+    output on in blocks of up to ``target_max_block_size`` (and a task fused with the decode actor holds
+    that actor), so a task paused mid-shard could hold back the very samples training waits for.
+    """
     import ray
 
     epoch, visit = int(plan["epoch"][0]), int(plan["visit"][0])
     monitor = get_monitor(monitor_name) if monitor_name else None
-
-    def wait_for_room() -> None:
-        while monitor is not None and not ray.get(monitor.has_room.remote()):
-            time.sleep(ROOM_POLL_S)
-
+    while monitor is not None and not ray.get(monitor.has_room.remote()):
+        time.sleep(ROOM_POLL_S)
     read, passed = ShardRead(), False
     location = storage.resolve(str(plan["url"][0]), endpoint_url)
     for block in stream_shard(location, read, block_samples=block_samples, caption_key=caption_key,
-                              retries=retries, backoff_s=backoff_s, before_block=wait_for_room):
+                              retries=retries, backoff_s=backoff_s):
         if monitor is not None:
             monitor.record_block.remote(visit, len(block))
         passed = True

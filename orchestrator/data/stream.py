@@ -40,6 +40,12 @@ from orchestrator.data.stages import DecodeAugmentTokenize, read_shard_rows
 from orchestrator.data.visits import VisitTable, plan_epochs
 
 
+# A read task mostly waits on storage. Its own CPU share also keeps Ray Data from fusing it into the decode
+# actors: a fused task hands its output on only at its end, so one paused at the read-ahead bound would
+# hold back samples training waits for (and hold the actor), where a separate read task holds nothing.
+READ_TASK_CPUS = 0.5
+
+
 @dataclass
 class TrainStream:
     """What :func:`build_train_dataset` returns: the dataset plus what the training loop needs to know."""
@@ -92,7 +98,8 @@ def build_train_dataset(cfg: DataConfig, *, epochs: int, position: StreamProgres
     read_compute = ray.data.TaskPoolStrategy(size=cfg.read_concurrency) if cfg.read_concurrency else None
     dataset = (
         ray.data.from_items(plan, override_num_blocks=max(1, len(plan)))
-        .map_batches(read_shard_rows, batch_size=1, fn_kwargs=read_kwargs, compute=read_compute)
+        .map_batches(read_shard_rows, batch_size=1, fn_kwargs=read_kwargs, compute=read_compute,
+                     num_cpus=READ_TASK_CPUS)
         .map_batches(DecodeAugmentTokenize, batch_size=cfg.decode_batch_size,
                      fn_constructor_kwargs=dict(image_size=cfg.image_size, image_dtype=cfg.image_dtype,
                                                 context_length=cfg.context_length, monitor_name=monitor_name,

@@ -132,21 +132,18 @@ class ShardRead:
 
 
 def stream_shard(location: storage.Location, read: ShardRead, *, block_samples: int, caption_key: str | None = None,
-                 retries: int = 0, backoff_s: float = 0.0, before_block=None) -> Iterator[list[RawSample]]:
+                 retries: int = 0, backoff_s: float = 0.0) -> Iterator[list[RawSample]]:
     """A shard's good samples in blocks of ``block_samples``, streamed: memory is about one block.
 
     A failed read (``OSError``: network, missing object) is retried with exponential backoff from the
     shard's start, passing over the samples already given out, so nothing is yielded or counted twice;
     after ``retries`` the rest of the shard is skipped. A damaged tar (deterministic) is not retried: the
-    complete samples before the damage are kept. ``before_block()`` runs before each block is read (the
-    read-ahead bound waits there). Counts accumulate in ``read``.
+    complete samples before the damage are kept. Counts accumulate in ``read``.
     """
     committed = 0  # ordinals below this were given out (or counted bad) in an earlier block
     for attempt in range(retries + 1):
         block, pending = [], Counter()
         try:
-            if before_block:
-                before_block()
             with location.fs.open_input_stream(location.path) as stream:
                 for ordinal, outcome in iter_samples(stream, caption_key):
                     if ordinal < committed:
@@ -160,8 +157,6 @@ def stream_shard(location: storage.Location, read: ShardRead, *, block_samples: 
                         committed = ordinal + 1
                         yield block
                         block, pending = [], Counter()
-                        if before_block:
-                            before_block()
             _commit(read, block, pending)
             if block:
                 yield block

@@ -34,6 +34,9 @@ def _check_spec(spec: ShardSpec) -> ShardSpec:
     return spec
 
 
+DEFAULT_SHARDS = "data/fashion-mnist"
+
+
 class DataSource(ConfigSection):
     """One source of a weighted mix (``data.sources``), as open_clip's ``::`` lists with upsampling factors."""
 
@@ -66,7 +69,7 @@ class DataSource(ConfigSection):
 class DataConfig(ConfigSection):
     """The ``data`` section of a run config: where shards live and how they are streamed."""
 
-    shards: ShardSpec = "data/fashion-mnist"
+    shards: ShardSpec = DEFAULT_SHARDS
     """Folder or ``s3://bucket/prefix`` of ``.tar`` shards (rayclip's or img2dataset's / any WebDataset set),
     a brace pattern (``s3://bucket/laion400m/{00000..41455}.tar``), or a list of those. Sample counts come
     from ``manifest.json``, else img2dataset's ``NNNNN_stats.json`` / ``NNNNN.parquet``, else ``sizes.json``;
@@ -139,7 +142,7 @@ class DataConfig(ConfigSection):
     @model_validator(mode="after")
     def _one_way_to_name_shards(self) -> DataConfig:
         if self.sources is not None:
-            if "shards" in self.model_fields_set or "manifest" in self.model_fields_set:
+            if self.shards != DEFAULT_SHARDS or self.manifest is not None:
                 raise ValueError("set data.sources or data.shards (+ data.manifest), not both")
             if not self.sources:
                 raise ValueError("data.sources must list at least one source")
@@ -156,7 +159,7 @@ class DataConfig(ConfigSection):
 
     def resolved(self, base: str | Path) -> DataConfig:
         """A copy whose relative local paths are made absolute against ``base`` (the config file's folder)."""
-        updates = {"shards": _absolute_spec(self.shards, base)}
+        updates = {} if self.sources is not None else {"shards": _absolute_spec(self.shards, base)}
         for name in ("heldout", "manifest"):
             if getattr(self, name):
                 updates[name] = _absolute(getattr(self, name), base)
@@ -164,9 +167,7 @@ class DataConfig(ConfigSection):
             updates["sources"] = [source.model_copy(update={
                 "shards": _absolute_spec(source.shards, base),
                 **({"manifest": _absolute(source.manifest, base)} if source.manifest else {})}) for source in self.sources]
-        copy = self.model_copy(update=updates)
-        copy.__pydantic_fields_set__ = set(self.model_fields_set)
-        return copy
+        return self.model_copy(update=updates)
 
     @property
     def heldout_url(self) -> str | None:

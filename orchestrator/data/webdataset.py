@@ -90,6 +90,7 @@ def iter_samples(stream, caption_key: str | None = None) -> Iterator[tuple[int, 
                 ordinal, members = ordinal + 1, {}
             key = member_key
             members[suffix.lower()] = archive.extractfile(member).read()
+            archive.members = []  # stream mode keeps every header read (~1.4 KB a sample) unless dropped
     if key is not None:
         yield ordinal, _sample_or_error(ordinal, key, members, caption_key)
 

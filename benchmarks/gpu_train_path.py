@@ -8,8 +8,9 @@ this script drives the same functions directly (``build_engine``, ``optimizer_st
 
 1. ``steps``: the config's engine (bf16 autocast, ZeRO stage, gradient checkpointing) trains on one
    fixed batch of channels-last uint8 images, as the data stream ships them; the loss must fall.
-2. ``eval``: the zero-shot evaluation under the engine's autocast must give a finite accuracy, and
-   the bare module's image features under autocast must match fp32 to bf16 precision.
+2. ``eval``: the in-loop evaluation (``worker_loop.evaluate`` on an image-folder set written from the
+   batch) under the engine's autocast must evaluate every image, and the bare module's image features
+   under autocast must match fp32 to bf16 precision.
 3. ``export``: the OpenAI-layout export (fp32 master weights) loaded into a fresh model must give the
    engine's fp32 features.
 4. ``compile`` (``--compile-model``, a smaller model): ``model.compile=true`` trains like eager.
@@ -38,7 +39,8 @@ from models.transforms import channels_last_batch_to_model  # noqa: E402
 from orchestrator.train import TrainState  # noqa: E402
 from orchestrator.config import RunConfig, load_config  # noqa: E402
 from orchestrator.train import build_engine, build_model  # noqa: E402
-from orchestrator.eval import LabelledImages  # noqa: E402
+from orchestrator.config import EvalSetConfig  # noqa: E402
+from orchestrator.eval import InLoopEvaluation  # noqa: E402
 from orchestrator.train import Worker, evaluate, write_export, optimizer_step  # noqa: E402
 
 
@@ -48,8 +50,8 @@ class PrintingTracker:
     def __init__(self) -> None:
         self.logged: list[tuple] = []
 
-    def log_zero_shot(self, step, top1, top5, confusion, class_names) -> None:
-        self.logged.append((step, top1, top5))
+    def log_evaluation(self, result, step, extra_metrics=None) -> None:
+        self.logged.append((step, result.set_name, result.metrics))
 
 
 def emit(record: dict, path: str | None) -> None:
@@ -99,9 +101,18 @@ def check_steps(worker: Worker, images, tokens, steps: int) -> dict:
 
 
 def check_eval(worker: Worker, images, labels, names) -> dict:
-    nchw = images.permute(0, 3, 1, 2).contiguous().cpu()
-    worker.eval_set, worker.eval_templates = LabelledImages(nchw, labels, names), ["a photo of {}."]
-    result = evaluate(worker)
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as folder:
+        for row, (image, label) in enumerate(zip(images.cpu().numpy(), labels.tolist())):
+            os.makedirs(f"{folder}/{label:02d}", exist_ok=True)
+            Image.fromarray(image).save(f"{folder}/{label:02d}/{row:05d}.png")
+        with open(f"{folder}/classnames.txt", "w") as handle:
+            handle.write("\n".join(names[: int(labels.max()) + 1]) + "\n")
+        set_cfg = EvalSetConfig(name="synthetic", data=folder, templates=["a photo of {}."])
+        eval_cfg = worker.cfg.eval.model_copy(update={"sets": [set_cfg], "heldout": False})
+        worker.evaluation = InLoopEvaluation(worker.cfg.model_copy(update={"eval": eval_cfg}))
+        result = evaluate(worker, final=True)[0]
     module = worker.engine.module
     pixels = channels_last_batch_to_model(images[:16], torch.float32)
     with torch.no_grad():
@@ -109,8 +120,10 @@ def check_eval(worker: Worker, images, labels, names) -> dict:
         with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=worker.cfg.precision == "bf16"):
             autocast = torch.nn.functional.normalize(module.encode_image(pixels).float(), dim=-1)
     cosine = float((reference * autocast).sum(-1).min())
-    return {"check": "eval", "ok": 0.0 <= result.top1 <= 1.0 and cosine > 0.99 and bool(worker.tracker.logged),
-            "top1": result.top1, "top5": result.top5, "min_cosine_autocast_vs_fp32": round(cosine, 5)}
+    top1 = result.metrics["zeroshot_top1"]
+    return {"check": "eval", "ok": result.images == len(labels) and math.isfinite(top1) and cosine > 0.99
+            and bool(worker.tracker.logged), "top1": top1, "top5": result.metrics["zeroshot_top5"],
+            "images": result.images, "min_cosine_autocast_vs_fp32": round(cosine, 5)}
 
 
 def check_export(worker: Worker, images) -> dict:

@@ -7,11 +7,12 @@ imports only what this ``__init__`` exports (a test holds it to that).
 
 from models.clip import CLIP, to_openai_layout, weight_decay_groups
 from models.loss import ClipLoss, Gather
+from models.openai_checkpoint import load_openai_checkpoint, spec_from_openai_state_dict
 from models.registry import PAPER_MODELS, create_model, get_model_spec, list_models
 from models.spec import ModelSpec, TextSpec, VisionSpec
 from models.tokenizer import get_tokenizer
 from models.transforms import channels_last_batch_to_model, image_transform, normalize_images
-from models.zero_shot import IMAGENET_TEMPLATES, build_zero_shot_classifier
+from models.zero_shot import IMAGENET_TEMPLATES, build_zero_shot_classifier, imagenet_classes, retrieval_recall
 
 __all__ = [
     "CLIP",
@@ -28,8 +29,12 @@ __all__ = [
     "get_model_spec",
     "get_tokenizer",
     "image_transform",
+    "imagenet_classes",
     "list_models",
+    "load_openai_checkpoint",
     "normalize_images",
+    "retrieval_recall",
+    "spec_from_openai_state_dict",
     "to_openai_layout",
     "weight_decay_groups",
 ]

@@ -2,8 +2,9 @@
 
 OpenAI's files are TorchScript archives (or plain state dicts); neither names its architecture, so the
 spec is read off parameter shapes the way their ``build_model`` does, then matched to a registered name.
-Head counts leave no trace in the shapes: a registered match supplies its own (the debug sizes use 4 heads
-at width 64); an unregistered architecture gets OpenAI's rule of one head per 64 channels.
+Head counts leave no trace in the shapes, so OpenAI's loader and open_clip's assume one head per 64 channels
+(ResNet attention pool: width * 32 / 64). Every registered architecture, the debug sizes included, follows
+that rule, so its exports load exactly there too; an unregistered one is given the rule here as well.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def spec_from_openai_state_dict(state: Mapping[str, torch.Tensor]) -> ModelSpec:
     for name in list_models():
         registered = get_model_spec(name)
         if _same_shapes(registered, inferred):
-            return registered  # with its own head counts, which no weight shape reveals
+            return registered  # with its name and the fields no weight shape reveals
     return inferred
 
 

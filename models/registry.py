@@ -39,18 +39,19 @@ _ARCHITECTURES: dict[str, ModelSpec] = {
         _vit("ViT-L/14", 768, 224, 14, 1024, 24, 768, 12),
         _vit("ViT-L/14@336px", 768, 336, 14, 1024, 24, 768, 12),
         # Debug sizes for CPU tests and the laptop demo: same code paths, a few hundred thousand
-        # parameters outside the 49,408-row token embedding.
+        # parameters outside the 49,408-row token embedding. Heads are width / 64 (ResNet pool: width * 32 / 64)
+        # because OpenAI's build_model and open_clip infer them that way from the weights of an export.
         ModelSpec(
             name="RN-tiny",
             embed_dim=64,
             vision=VisionSpec(kind="resnet", image_size=64, width=16, layers=(1, 1, 1, 1), heads=8),
-            text=TextSpec(width=64, layers=2, heads=4),
+            text=TextSpec(width=64, layers=2, heads=1),
         ),
         ModelSpec(
             name="ViT-tiny",
             embed_dim=64,
-            vision=VisionSpec(kind="vit", image_size=32, width=64, layers=2, heads=4, patch_size=4),
-            text=TextSpec(width=64, layers=2, heads=4),
+            vision=VisionSpec(kind="vit", image_size=32, width=64, layers=2, heads=1, patch_size=4),
+            text=TextSpec(width=64, layers=2, heads=1),
         ),
     ]
 }

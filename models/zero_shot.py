@@ -8,6 +8,7 @@ similarity against those class embeddings.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -141,24 +142,58 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 
 
 def retrieval_recall(
-    image_features: torch.Tensor, text_features: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    text_image: torch.Tensor | None = None,
+    block_size: int = 1024,
 ) -> dict[str, float]:
-    """Recall@k for image->text and text->image retrieval over paired rows (row i of each matches).
+    """Recall@k for image->text and text->image retrieval, with any number of captions per image.
 
+    ``text_image[j]`` is the row of the image that caption ``j`` describes (default: row ``j``, one caption
+    per image). As in the paper and CLIP_benchmark, an image is found at k when any of its captions ranks
+    in the top k texts, and a caption when its image ranks in the top k images. A match's rank is the
+    number of candidates scoring strictly higher, so ties count in the match's favour. Scores are computed
+    in blocks of ``block_size`` queries (memory is one block x all candidates, not images x captions).
     Keys: ``image_to_text_R@k`` and ``text_to_image_R@k``.
     """
-    if image_features.shape[0] != text_features.shape[0]:
-        raise ValueError("retrieval needs one caption per image (paired rows)")
-    similarity = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T  # (N, N)
-    targets = torch.arange(similarity.shape[0], device=similarity.device)
+    images = F.normalize(image_features.float(), dim=-1)
+    texts = F.normalize(text_features.float(), dim=-1)
+    if text_image is None:
+        if images.shape[0] != texts.shape[0]:
+            raise ValueError("retrieval needs one caption per image (paired rows) unless text_image is given")
+        text_image = torch.arange(texts.shape[0])
+    text_image = text_image.to(torch.long)
+    if text_image.shape[0] != texts.shape[0] or (len(text_image) and int(text_image.max()) >= images.shape[0]):
+        raise ValueError("text_image must give, for every caption, the row of an existing image")
+    if images.shape[0] and torch.bincount(text_image, minlength=images.shape[0]).min() == 0:
+        raise ValueError("every image needs at least one caption")
+    image_ranks = torch.empty(images.shape[0], dtype=torch.long)
+    for start in range(0, images.shape[0], block_size):
+        scores = images[start : start + block_size] @ texts.T  # (B, captions)
+        rows = torch.arange(start, start + scores.shape[0])
+        own = text_image.view(1, -1) == rows.view(-1, 1)  # (B, captions): this image's captions
+        best_own = scores.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values  # (B, 1)
+        image_ranks[rows] = (scores > best_own).sum(dim=1)
+    text_ranks = torch.empty(texts.shape[0], dtype=torch.long)
+    for start in range(0, texts.shape[0], block_size):
+        scores = texts[start : start + block_size] @ images.T  # (B, images)
+        targets = text_image[start : start + scores.shape[0]].view(-1, 1)
+        text_ranks[start : start + scores.shape[0]] = (scores > scores.gather(1, targets)).sum(dim=1)
     results = {}
-    for direction, scores in (("image_to_text", similarity), ("text_to_image", similarity.T)):
-        # Rank of the true match = how many candidates score strictly higher.
-        true_scores = scores[targets, targets].unsqueeze(1)  # (N, 1)
-        ranks = (scores > true_scores).sum(dim=1)  # (N,)
+    for direction, ranks in (("image_to_text", image_ranks), ("text_to_image", text_ranks)):
         for k in ks:
             results[f"{direction}_R@{k}"] = (ranks < k).float().mean().item()
     return results
+
+
+def imagenet_classes() -> list[tuple[str, str]]:
+    """ImageNet-1k as (WordNet id, class name) in class-index order (sorted ids), with the class names
+    OpenAI published for the paper's zero-shot evaluation (``imagenet_classes.tsv`` beside this module)."""
+    path = Path(__file__).with_name("imagenet_classes.tsv")
+    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [(wnid, name) for wnid, name in rows]
 
 
 def classify(model, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:

@@ -58,3 +58,12 @@ def all_gather_objects(value):
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def gather_objects_to_chief(value):
+    """Every rank's picklable ``value`` in rank order on rank 0, None on the others (``[value]`` alone)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered

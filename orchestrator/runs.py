@@ -4,6 +4,9 @@ snapshot file. A leaf: it imports nothing of rayclip's but ``storage``.
     <checkpoint.storage_path>/<run name>/
         checkpoint_manager_snapshot.json     Ray Train v2's record of the run's reported checkpoints
         checkpoint_step_00000100/            one folder per reported checkpoint (``checkpoint_dir_name``)
+            ds/                              DeepSpeed's files (every rank's ZeRO partition)
+            train_state.json                 step, data position, MLflow run id, ...
+            openai_model.pt                  the final checkpoint's consolidated model, OpenAI's layout
 
 Ray Train writes the snapshot beside the checkpoints after each report; a run with one is a run that can
 be resumed (``jobs/pretrain.py --resume NAME``), and its ``latest_checkpoint_result`` names the folder a
@@ -17,6 +20,9 @@ import json
 from orchestrator import storage
 
 RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # written by Ray Train v2 beside the checkpoints
+DEEPSPEED_TAG = "ds"
+STATE_FILE = "train_state.json"
+EXPORT_FILE = "openai_model.pt"
 
 
 def checkpoint_dir_name(step: int) -> str:

@@ -13,11 +13,14 @@ from orchestrator.config.loading import (
     output_base_dir,
     resolve_local_paths,
 )
-from orchestrator.config.run import ConfigError, RunConfig, format_validation_error
+from orchestrator.config.run import HELDOUT_SET, ConfigError, RunConfig, format_validation_error
 from orchestrator.config.sections import (
     CheckpointConfig,
+    EVAL_LAYOUTS,
+    EVAL_TASKS,
     DeepSpeedConfig,
     EvalConfig,
+    EvalSetConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -28,12 +31,16 @@ from orchestrator.config.sections import (
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "EVAL_LAYOUTS",
+    "EVAL_TASKS",
+    "HELDOUT_SET",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
     "DataSource",
     "DeepSpeedConfig",
     "EvalConfig",
+    "EvalSetConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",

@@ -90,4 +90,8 @@ def resolve_local_paths(cfg: RunConfig, base_dir: str | os.PathLike,
     if artifacts and "://" not in artifacts and not os.path.isabs(artifacts):
         data["tracking"]["artifact_location"] = str(outputs / artifacts)
     data["data"] = cfg.data.resolved(base).model_dump(exclude_unset=True)
+    for eval_set in data["eval"]["sets"]:
+        for field in ("data", "classnames"):
+            if eval_set[field] and "://" not in eval_set[field] and not os.path.isabs(eval_set[field]):
+                eval_set[field] = str(base / eval_set[field])
     return RunConfig.from_dict(data)

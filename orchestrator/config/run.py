@@ -8,6 +8,7 @@ rebuilt there with :meth:`RunConfig.from_dict`, so nothing a worker needs depend
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
 import yaml
@@ -18,6 +19,7 @@ from orchestrator.config.sections import (
     CheckpointConfig,
     DeepSpeedConfig,
     EvalConfig,
+    EvalSetConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
@@ -27,6 +29,7 @@ from orchestrator.config.sections import (
     ConfigSection,
 )
 
+HELDOUT_SET = "heldout"  # the name of the training data's labelled held-out split among the evaluation sets
 # The paper's AdamW betas/eps differ by image tower: the ViTs trained with a lower beta2 for stability.
 PAPER_ADAM_BY_TOWER = {"vit": {"beta2": 0.98, "eps": 1e-6}, "resnet": {"beta2": 0.999, "eps": 1e-8}}
 
@@ -90,6 +93,17 @@ class RunConfig(ConfigSection):
             return "bf16" if self.scaling.use_gpu else "fp32"
         return self.deepspeed.precision
 
+    def eval_sets(self) -> list[EvalSetConfig]:
+        """The sets evaluated during pretraining: the held-out split (as ``heldout``) and ``eval.sets``."""
+        if not self.eval.enabled:
+            return []
+        sets = list(self.eval.sets)
+        if self.eval.heldout and self.data.heldout_url is not None:
+            sets.insert(0, EvalSetConfig(name=HELDOUT_SET, data=self.data.heldout_url, layout="rayclip",
+                                         every_steps=self.eval.every_steps, templates=self.eval.templates,
+                                         max_images=self.eval.max_images))
+        return sets
+
     def adam_betas_eps(self) -> tuple[tuple[float, float], float]:
         """AdamW (betas, eps): explicit values, else the paper's per image-tower kind."""
         paper = PAPER_ADAM_BY_TOWER[self.model.spec().vision.kind]
@@ -134,9 +148,12 @@ def _data_shape_problems(cfg: RunConfig) -> list[str]:
 def _cross_field_problems(cfg: RunConfig) -> list[str]:
     """Constraints between sections, each message naming the fields involved and what is allowed."""
     problems = _data_shape_problems(cfg)
-    if cfg.eval.enabled and cfg.data.heldout_url is None:
-        problems.append("eval.enabled=true needs data.heldout (a labelled split) when the training shards are not "
-                        "one folder; allowed: set data.heldout, or eval.enabled=false")
+    if cfg.eval.enabled and cfg.eval.heldout and cfg.data.heldout_url is None:
+        problems.append("eval.heldout=true needs data.heldout (a labelled split) when the training shards are not "
+                        "one folder; allowed: set data.heldout, or eval.heldout=false (eval.sets still run)")
+    if cfg.eval.enabled and cfg.eval.heldout and any(s.name == HELDOUT_SET for s in cfg.eval.sets):
+        problems.append(f"eval.sets: the name {HELDOUT_SET!r} is the held-out split's (eval.heldout=true); "
+                        "allowed: another name, or eval.heldout=false")
     spec = cfg.model.spec()
     if spec.vision.kind == "vit" and spec.vision.image_size % spec.vision.patch_size:
         problems.append(
@@ -183,9 +200,14 @@ def format_validation_error(error: ValidationError, data: dict[str, Any]) -> str
 
 
 def _allowed_keys(location: tuple) -> list[str]:
+    """The keys of the section at ``location`` (``("eval", "sets", 0)``: an entry of a list of sections)."""
     section: type[BaseModel] = RunConfig
     for part in location:
+        if isinstance(part, int):  # an index into a list of sections: the section is the list's item type
+            continue
         annotation = section.model_fields[part].annotation
+        if typing.get_origin(annotation) is list:
+            annotation = typing.get_args(annotation)[0]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         section = annotation

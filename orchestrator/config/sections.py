@@ -3,6 +3,7 @@ checkpoint, tracking, eval. Every section forbids unknown keys, and every field 
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -152,28 +153,94 @@ class TrackingConfig(ConfigSection):
     """Let MLflow sample CPU/GPU/memory utilisation on rank 0's node."""
 
 
+EVAL_TASKS = ("zeroshot", "retrieval", "linear-probe")
+EVAL_LAYOUTS = ("auto", "clip_benchmark", "image_folder", "rayclip")
+_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _check_templates(templates: list[str] | None) -> list[str] | None:
+    if templates is None:
+        return None
+    if not templates:
+        raise ValueError("at least one template is needed")
+    bad = [t for t in templates if "{}" not in t and "{c}" not in t]
+    if bad:
+        raise ValueError(f"templates need a '{{}}' (or CLIP_benchmark's '{{c}}') slot for the class name: {bad}")
+    return [t.replace("{c}", "{}") for t in templates]
+
+
+class EvalSetConfig(ConfigSection):
+    """One evaluation set: where it is, its layout, the task, and how often the training loop runs it."""
+
+    name: str
+    """Name in the log and in metric names (``eval/<name>/zeroshot_top1``): letters, digits, ``_ . -``."""
+    data: str
+    """The set's root or split folder, local or ``s3://``: CLIP_benchmark's WebDataset layout, an image-folder
+    tree (``val/<class>/*.JPEG``), or rayclip shards with class names (``prepare_data.py`` output)."""
+    task: Literal["zeroshot", "retrieval", "linear-probe"] = "zeroshot"
+    """zeroshot: top-1/top-5/mean per-class recall with prompt ensembling; retrieval: image<->text recall@1/5/10
+    with every caption; linear-probe: logistic regression on frozen image features (train split -> test split)."""
+    layout: Literal["auto", "clip_benchmark", "image_folder", "rayclip"] = "auto"
+    """How the set is stored; auto tells them apart by their files (nshards.txt, manifest.json, class folders)."""
+    split: str = "test"
+    """The split evaluated (CLIP_benchmark: a folder name; rayclip: test = heldout/)."""
+    train_split: str = "train"
+    """linear-probe only: the split the probe is fit on (its validation part is carved from it)."""
+    classnames: str | None = None
+    """A file of class names, one per line in class-index order, overriding the set's own."""
+    templates: list[str] | None = None
+    """Prompt templates overriding the set's own (else the paper's 80 ImageNet templates)."""
+    every_steps: int | None = Field(default=None, gt=0)
+    """Evaluate every N optimizer steps during pretraining; it always runs at the end. Null: at the end only."""
+    max_images: int | None = Field(default=None, gt=0)
+    """Evaluate on the first N images of the split only (quick checks); null uses all."""
+    max_train_images: int | None = Field(default=None, gt=0)
+    """linear-probe only: fit on the first N images of the training split; null uses all."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint for an ``s3://`` set; null uses ``data.s3_endpoint_url``."""
+
+    @field_validator("name")
+    @classmethod
+    def _metric_safe_name(cls, name: str) -> str:
+        if not _SET_NAME.fullmatch(name):
+            raise ValueError("allowed: letters, digits and '_', '.', '-' (it becomes part of metric names)")
+        return name
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, templates: list[str] | None) -> list[str] | None:
+        return _check_templates(templates)
+
+
 class EvalConfig(ConfigSection):
     enabled: bool = True
-    """Zero-shot evaluation on the labelled held-out split ``data.heldout`` (default ``<data.shards>/heldout``,
-    e.g. Fashion-MNIST's 10k test images), whose manifest names the classes and the held-out template."""
+    """Run evaluation during pretraining: the labelled held-out split (``heldout``) and every entry of ``sets``."""
+    heldout: bool = True
+    """Zero-shot on the training data's labelled held-out split ``data.heldout`` (default ``<data.shards>/heldout``,
+    e.g. Fashion-MNIST's 10k test images), named ``heldout``; its manifest names the classes and the held-out
+    template. Its top-1/top-5 are also logged as ``zero_shot_top1`` / ``zero_shot_top5``."""
+    sets: list[EvalSetConfig] = Field(default_factory=list)
+    """More evaluation sets (benchmark layouts, retrieval, linear probes), each with its own period."""
     every_steps: int | None = Field(default=None, gt=0)
-    """Evaluate every N optimizer steps; it always runs once at the end. Null: at the end only."""
+    """Evaluate the held-out split every N optimizer steps; it always runs once at the end. Null: at the end only."""
     templates: list[str] | None = None
-    """Prompt templates ensembled per class, each with a "{}" slot; null uses the held-out split's own
-    template (never one seen in training)."""
+    """Prompt templates for the held-out split, each with a "{}" slot; null uses the split's own template
+    (never one seen in training)."""
     max_images: int | None = Field(default=None, gt=0)
-    """Evaluate on the first N images only (quick checks); null uses all."""
+    """Evaluate the held-out split on its first N images only (quick checks); null uses all."""
     batch_size: int = Field(default=500, gt=0)
     """Images per forward pass and worker during evaluation."""
 
     @field_validator("templates")
     @classmethod
     def _templates_have_slot(cls, templates: list[str] | None) -> list[str] | None:
-        if templates is None:
-            return None
-        if not templates:
-            raise ValueError("at least one template is needed")
-        bad = [t for t in templates if "{}" not in t]
-        if bad:
-            raise ValueError(f"templates need a '{{}}' slot for the class name: {bad}")
-        return templates
+        return _check_templates(templates)
+
+    @field_validator("sets")
+    @classmethod
+    def _distinct_names(cls, sets: list[EvalSetConfig]) -> list[EvalSetConfig]:
+        names = [s.name for s in sets]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"set names must be distinct; repeated: {', '.join(repeated)}")
+        return sets

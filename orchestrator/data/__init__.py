@@ -10,11 +10,9 @@ Who runs what (module: process):
   :func:`iter_train_batches` runs in each Train worker;
 * ``stages``: Ray Data read tasks and decode actors; ``monitor``: the stream's bookkeeping actor;
 * ``position``: the typed resumable position, saved in checkpoints;
-* ``heldout``: the labelled evaluation split, read whole on a worker or the driver.
 """
 
 from orchestrator.config import DataConfig, DataSource  # the sections every stream function takes
-from orchestrator.data.heldout import HeldoutSplit, load_heldout
 from orchestrator.data.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -58,7 +56,17 @@ from orchestrator.data.shardsets import (
 from orchestrator.data.stages import SHARD_ID_BITS, DecodeAugmentTokenize, read_shard_rows
 from orchestrator.data.stream import TrainStream, build_train_dataset, exact_once_data_config, iter_train_batches, read_ahead_bound
 from orchestrator.data.visits import Visit, VisitTable, plan_epochs, shard_order
-from orchestrator.data.webdataset import RawSample, ShardParse, ShardRead, decode_image, iter_samples, parse_shard, stream_shard
+from orchestrator.data.webdataset import (
+    IMAGE_EXTENSIONS,
+    RawSample,
+    SampleBuilder,
+    ShardParse,
+    ShardRead,
+    decode_image,
+    iter_samples,
+    parse_shard,
+    stream_shard,
+)
 from orchestrator.data.writer import (
     REPORT_NAME,
     ShardOptions,
@@ -75,6 +83,7 @@ from orchestrator.data.writer import (
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
+    "IMAGE_EXTENSIONS",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_HELDOUT_TEMPLATE",
     "FASHION_MNIST_TEMPLATES",
@@ -87,10 +96,10 @@ __all__ = [
     "DataSource",
     "DataStreamMonitor",
     "DecodeAugmentTokenize",
-    "HeldoutSplit",
     "Manifest",
     "ManifestError",
     "RawSample",
+    "SampleBuilder",
     "ReadAhead",
     "ShardEntry",
     "ShardOptions",
@@ -119,7 +128,6 @@ __all__ = [
     "fashion_mnist_records",
     "iter_samples",
     "iter_train_batches",
-    "load_heldout",
     "load_image",
     "open_shard_set",
     "parse_manifest",

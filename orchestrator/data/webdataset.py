@@ -15,8 +15,9 @@ import json
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator import storage
 
@@ -69,14 +70,25 @@ def _sample_or_error(ordinal: int, key: str, members: dict[str, bytes], caption_
     return RawSample(ordinal, key, image, caption, meta)
 
 
-def iter_samples(stream, caption_key: str | None = None) -> Iterator[tuple[int, RawSample | str]]:
+SampleBuilder = Callable[[int, str, dict[str, bytes]], Any]
+"""(ordinal, key, members by lower-case suffix) -> a sample, or the name of what is wrong with it."""
+
+
+def iter_samples(stream, caption_key: str | None = None, *,
+                 sample_from: SampleBuilder | None = None) -> Iterator[tuple[int, RawSample | str]]:
     """``(ordinal, sample or error name)`` per key of a WebDataset tar, read as a stream (one member in memory).
+
+    Samples are training samples (image + caption, :class:`RawSample`) unless ``sample_from`` builds
+    another kind (the evaluation sets' labelled or multi-caption samples).
 
     A key is the member name up to the first dot of its basename (WebDataset's rule: ``a/b.c.jpg`` is key
     ``a/b``, suffix ``c.jpg``); suffixes are matched lower-case, so ``.JPG`` and ``.jpeg`` are images.
     Raises ``tarfile.TarError`` / ``EOFError`` where the tar is damaged (the key being read then is lost)
     and ``OSError`` where the stream fails.
     """
+    if sample_from is None:
+        def sample_from(ordinal: int, key: str, members: dict[str, bytes]) -> RawSample | str:
+            return _sample_or_error(ordinal, key, members, caption_key)
     ordinal, key, members = 0, None, {}
     with tarfile.open(fileobj=stream, mode="r|") as archive:
         for member in archive:
@@ -86,13 +98,13 @@ def iter_samples(stream, caption_key: str | None = None) -> Iterator[tuple[int, 
             member_key, _, suffix = base.partition(".")
             member_key = f"{directory}/{member_key}" if directory else member_key
             if member_key != key and key is not None:
-                yield ordinal, _sample_or_error(ordinal, key, members, caption_key)
+                yield ordinal, sample_from(ordinal, key, members)
                 ordinal, members = ordinal + 1, {}
             key = member_key
             members[suffix.lower()] = archive.extractfile(member).read()
             archive.members = []  # stream mode keeps every header read (~1.4 KB a sample) unless dropped
     if key is not None:
-        yield ordinal, _sample_or_error(ordinal, key, members, caption_key)
+        yield ordinal, sample_from(ordinal, key, members)
 
 
 def parse_shard(data: bytes, caption_key: str | None = None) -> ShardParse:
@@ -133,7 +145,7 @@ class ShardRead:
 
 
 def stream_shard(location: storage.Location, read: ShardRead, *, block_samples: int, caption_key: str | None = None,
-                 retries: int = 0, backoff_s: float = 0.0) -> Iterator[list[RawSample]]:
+                 retries: int = 0, backoff_s: float = 0.0, sample_from: SampleBuilder | None = None) -> Iterator[list]:
     """A shard's good samples in blocks of ``block_samples``, streamed: memory is about one block.
 
     A failed read (``OSError``: network, missing object) is retried with exponential backoff from the
@@ -146,7 +158,7 @@ def stream_shard(location: storage.Location, read: ShardRead, *, block_samples: 
         block, pending = [], Counter()
         try:
             with location.fs.open_input_stream(location.path) as stream:
-                for ordinal, outcome in iter_samples(stream, caption_key):
+                for ordinal, outcome in iter_samples(stream, caption_key, sample_from=sample_from):
                     if ordinal < committed:
                         continue
                     if isinstance(outcome, str):

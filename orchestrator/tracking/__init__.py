@@ -1,6 +1,7 @@
 """MLflow tracking: one run per pretraining job, logged from rank 0 of the Train workers.
 
-``run_tracker`` (the run: params, metrics, plots, the exported model, its registration), ``experiments``
+``run_tracker`` (the run: params, metrics, plots, the exported model, its registration), ``evaluation``
+(an evaluation's metric names and figures), ``experiments``
 (the experiment and where its artifacts live), ``params`` (config -> params), ``plots`` (figures).
 """
 
@@ -12,10 +13,24 @@ from orchestrator.tracking.experiments import (
     is_temporary,
 )
 from orchestrator.tracking.params import MAX_PARAM_VALUE_CHARS, MAX_PARAMS_PER_BATCH, flatten_config, param_batches
-from orchestrator.tracking.plots import render_accuracy_curve, render_confusion_matrix
+from orchestrator.tracking.evaluation import (
+    CONFUSION_MAX_CLASSES,
+    HEADLINE_METRIC,
+    EvaluationResult,
+    evaluation_figures,
+    evaluation_metrics,
+    metric_key,
+)
+from orchestrator.tracking.plots import render_confusion_matrix, render_metric_curve, render_per_class, render_recall_at_k
 from orchestrator.tracking.run_tracker import RunTracker, TrackingSettings
 
 __all__ = [
+    "CONFUSION_MAX_CLASSES",
+    "HEADLINE_METRIC",
+    "EvaluationResult",
+    "evaluation_figures",
+    "evaluation_metrics",
+    "metric_key",
     "EXPERIMENT_KIND_TAG",
     "MAX_PARAMS_PER_BATCH",
     "MAX_PARAM_VALUE_CHARS",
@@ -27,6 +42,8 @@ __all__ = [
     "flatten_config",
     "is_temporary",
     "param_batches",
-    "render_accuracy_curve",
     "render_confusion_matrix",
+    "render_metric_curve",
+    "render_per_class",
+    "render_recall_at_k",
 ]

@@ -1,4 +1,5 @@
-"""The plots a run logs: the zero-shot confusion matrix and the accuracy curve (matplotlib, no display)."""
+"""The plots a run logs (matplotlib, no display): per evaluation set, its confusion matrix, per-class accuracy,
+recall@K and its headline metric over training steps."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from matplotlib.figure import Figure
 _CONFUSION_TICK_LABEL_LIMIT = 40  # above this many classes tick labels are unreadable
 
 
-def render_confusion_matrix(confusion: np.ndarray, class_names: list[str], step: int) -> Figure:
+def render_confusion_matrix(confusion: np.ndarray, class_names: list[str], step: int, title: str = "zero-shot") -> Figure:
     """Draw the confusion matrix row-normalised (each true class sums to 1), so rare classes show."""
     rows = confusion.sum(axis=1, keepdims=True)
     normalised = np.divide(confusion, rows, out=np.zeros(confusion.shape, dtype=float), where=rows > 0)
@@ -25,23 +26,57 @@ def render_confusion_matrix(confusion: np.ndarray, class_names: list[str], step:
         ax.set_yticks(ticks, labels=class_names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(f"zero-shot confusion, step {step}")
+    ax.set_title(f"{title} confusion, step {step}")
     fig.tight_layout()
     return fig
 
 
-def render_accuracy_curve(history: list[tuple[int, float, float]]) -> Figure:
-    """Draw zero-shot top-1/top-5 accuracy against training step."""
-    steps, top1, top5 = zip(*sorted(history)) if history else ((), (), ())
+def render_metric_curve(history: list[tuple[int, float]], metric: str, title: str) -> Figure:
+    """Draw one metric against training step (an evaluation set's headline over the run)."""
+    steps, values = zip(*sorted(history)) if history else ((), ())
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot(steps, top1, marker="o", label="top-1")
-    ax.plot(steps, top5, marker="s", label="top-5")
+    ax.plot(steps, values, marker="o")
     ax.set_xlabel("step")
-    ax.set_ylabel("zero-shot accuracy")
+    ax.set_ylabel(metric)
     ax.set_ylim(bottom=0.0)
     ax.grid(True, alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def render_per_class(values: dict[str, float], metric: str, title: str) -> Figure:
+    """Horizontal bars of a per-class metric, worst class at the top (what to look at first)."""
+    items = sorted(values.items(), key=lambda item: item[1])
+    fig = Figure(figsize=(7, min(3 + 0.22 * len(items), 60)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.barh(range(len(items)), [value for _, value in items], color="tab:blue")
+    ax.set_yticks(range(len(items)), labels=[name for name, _ in items], fontsize=8 if len(items) > 40 else 10)
+    ax.invert_yaxis()
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel(metric)
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def render_recall_at_k(recall: dict[str, dict[int, float]], title: str) -> Figure:
+    """Recall@K per retrieval direction (``{"image->text": {1: 0.4, 5: 0.7, 10: 0.8}, ...}``)."""
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for direction, by_k in recall.items():
+        ks = sorted(by_k)
+        ax.plot(ks, [by_k[k] for k in ks], marker="o", label=direction)
+    ax.set_xlabel("K")
+    ax.set_ylabel("recall@K")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(True, alpha=0.3)
     ax.legend()
+    ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -1,7 +1,7 @@
 """MLflow tracking for one pretraining job, called on rank 0 only.
 
 One MLflow run per job: the flattened config as params, the YAML as `config.yaml`, training metrics,
-zero-shot accuracy with plots, and the exported OpenAI-layout state dict registered as a model
+evaluations with plots, and the exported OpenAI-layout state dict registered as a model
 version. Tracking is an observer, never a dependency of training: if the store is unreachable or
 rejects a call, `RunTracker` logs one warning naming the URI and turns into a no-op for the rest of
 the job, so a multi-day run never dies because MLflow went down.
@@ -20,7 +20,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
@@ -30,7 +29,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from orchestrator.logs import drop_records, get_logger
 from orchestrator.tracking.experiments import default_artifact_location, ensure_experiment
 from orchestrator.tracking.params import flatten_config, param_batches, truncate
-from orchestrator.tracking.plots import render_accuracy_curve, render_confusion_matrix
+from orchestrator.tracking.evaluation import (
+    HEADLINE_METRIC,
+    EvaluationResult,
+    evaluation_figures,
+    evaluation_metrics,
+    headline_key,
+)
 
 logger = get_logger("tracking")
 
@@ -100,7 +105,7 @@ class RunTracker:
         self.run_id: str | None = None
         self.disabled = False
         self.non_finite_skipped: dict[str, int] = {}
-        self.zero_shot_history: list[tuple[int, float, float]] = []
+        self.evaluation_history: dict[str, list[tuple[int, float]]] = {}
         self._client: MlflowClient | None = None
         self._monitor = None
         if uri.startswith(("http://", "https://")):
@@ -202,7 +207,6 @@ class RunTracker:
             return False
         self._client.update_run(run_id, status="RUNNING")
         self.run_id = run_id
-        self.zero_shot_history = self._load_zero_shot_history()
         return True
 
     def _log_config(
@@ -226,11 +230,6 @@ class RunTracker:
                 "config.yaml holds the new config.", self.run_id, ", ".join(changed),
             )
         return {k: v for k, v in params.items() if k not in logged}
-
-    def _load_zero_shot_history(self) -> list[tuple[int, float, float]]:
-        top1 = {m.step: m.value for m in self._client.get_metric_history(self.run_id, "zero_shot_top1")}
-        top5 = {m.step: m.value for m in self._client.get_metric_history(self.run_id, "zero_shot_top5")}
-        return [(step, top1[step], top5.get(step, math.nan)) for step in sorted(top1)]
 
     def _start_system_metrics(self, resume: bool) -> None:
         """Start MLflow's CPU/GPU/disk/network sampler thread for this run."""
@@ -285,32 +284,55 @@ class RunTracker:
             )
         return finite
 
-    def log_zero_shot(
-        self, step: int, top1: float, top5: float, confusion: np.ndarray, class_names: list[str]
-    ) -> None:
-        """Log zero-shot accuracy and refresh its plots: this step's confusion matrix and the curve.
-
-        Each evaluation keeps its own confusion PNG (`zero_shot/confusion_step_XXXXXXXX.png`);
-        `zero_shot/accuracy.png` is redrawn from the whole history, including steps logged before a
-        restart.
-        """
-        confusion = np.asarray(confusion)
-        n = len(class_names)
-        if confusion.shape != (n, n):
-            raise ValueError(
-                f"confusion has shape {confusion.shape}, expected ({n}, {n}) for {n} class names"
-            )
-        self.zero_shot_history.append((step, float(top1), float(top5)))
-        self.log_metrics({"zero_shot_top1": top1, "zero_shot_top5": top5}, step)
+    def log_evaluation(self, result: EvaluationResult, step: int, extra_metrics: Mapping[str, float] | None = None) -> None:
+        """Log one set's evaluation at ``step``: its metrics (``eval/<set>/...``, plus ``extra_metrics``) and
+        figures under ``eval/<set>/``; the headline curve is redrawn from the whole history, steps logged
+        before a restart included."""
+        if result.set_name not in self.evaluation_history:
+            self.evaluation_history[result.set_name] = self._load_history(headline_key(result))
+        history = self.evaluation_history[result.set_name] + [(step, float(result.metrics[HEADLINE_METRIC[result.task]]))]
+        figures = evaluation_figures(result, step, history)  # a bad result fails here, tracking or not
+        self.evaluation_history[result.set_name] = history
+        self.log_metrics({**evaluation_metrics(result), **(extra_metrics or {})}, step)
         if not self.active:
             return
-        with self._guarded(f"log zero-shot plots at step {step}"), tempfile.TemporaryDirectory() as tmp:
-            confusion_png = Path(tmp) / f"confusion_step_{step:08d}.png"
-            accuracy_png = Path(tmp) / "accuracy.png"
-            render_confusion_matrix(confusion, class_names, step).savefig(confusion_png, dpi=100)
-            render_accuracy_curve(self.zero_shot_history).savefig(accuracy_png, dpi=100)
-            self._client.log_artifact(self.run_id, str(confusion_png), "zero_shot")
-            self._client.log_artifact(self.run_id, str(accuracy_png), "zero_shot")
+        with self._guarded(f"log evaluation plots of {result.set_name} at step {step}"), \
+                tempfile.TemporaryDirectory() as tmp:
+            for name, figure in figures.items():
+                figure.savefig(Path(tmp) / name, dpi=100)
+                self._client.log_artifact(self.run_id, str(Path(tmp) / name), f"eval/{result.set_name}")
+
+    def _load_history(self, key: str) -> list[tuple[int, float]]:
+        if not self.active:
+            return []
+        with self._guarded(f"read the history of {key}"):
+            return [(m.step, m.value) for m in self._client.get_metric_history(self.run_id, key)]
+        return []
+
+    def log_file(self, path: str, artifact_dir: str | None = None) -> None:
+        """Upload one local file as an artifact of the run."""
+        if self.active:
+            with self._guarded(f"upload {path}"):
+                self._client.log_artifact(self.run_id, path, artifact_dir)
+
+    def attach(self, run_id: str) -> bool:
+        """Log into an existing run without changing its status (an evaluation of a finished training run);
+        False when the store does not have it."""
+        if self.disabled:
+            return False
+        with self._guarded(f"open run {run_id}"):
+            if self.uri.startswith(("http://", "https://")):
+                _probe_http(self.uri, _HEALTH_PROBE_TIMEOUT_S)
+            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            try:
+                self._client.get_run(run_id)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                return False
+            self.run_id = run_id
+            return True
+        return False
 
     def finish(self, exported_model_path: str | None, status: str = "FINISHED") -> None:
         """Log the exported state dict under `model/`, register it, and close the run."""

@@ -8,7 +8,8 @@ Who runs what (module: process):
   each Train worker (the DeepSpeed engine, the contrastive step, checkpoints, learning-rate schedule).
 """
 
-from orchestrator.train.checkpoint import EXPORT_FILE, STATE_FILE, TrainState, read_state, saved_state
+from orchestrator.runs import EXPORT_FILE, STATE_FILE
+from orchestrator.train.checkpoint import TrainState, read_state, saved_state
 from orchestrator.train.engine import build_engine, build_model, deepspeed_config
 from orchestrator.train.launch import (
     DEFAULT_EXTENSIONS_DIR,

@@ -36,14 +36,11 @@ import torch.distributed as dist
 
 from orchestrator.data import DataPosition
 from orchestrator.logs import get_logger
-from orchestrator.runs import checkpoint_dir_name
+from orchestrator.runs import DEEPSPEED_TAG, STATE_FILE, checkpoint_dir_name
 
 logger = get_logger("train")
 
-DEEPSPEED_TAG = "ds"
 UNIVERSAL_TAG = "universal"  # a checkpoint converted for another worker count, in a scratch folder
-STATE_FILE = "train_state.json"
-EXPORT_FILE = "openai_model.pt"
 
 
 @dataclass

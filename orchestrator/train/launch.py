@@ -15,52 +15,27 @@ from pathlib import Path
 
 from orchestrator import runs
 from orchestrator.config import ConfigError, RunConfig, in_ray_job_copy
-from orchestrator.data import open_shard_set, resolve_source
-from orchestrator.logs import get_logger, quiet_ray_driver
+from orchestrator.data import resolve_source
+from orchestrator.eval import open_set
+from orchestrator.logs import get_logger
+from orchestrator.ray_start import start_ray
 from orchestrator.storage import StorageError
-from orchestrator.train.checkpoint import EXPORT_FILE
+from orchestrator.runs import EXPORT_FILE
 from orchestrator.train.controller_datasets import build_datasets
 from orchestrator.train.worker_loop import train_loop_per_worker
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 logger = get_logger("train")
 # DeepSpeed JIT-builds its CPU communication op once (60-90 s) into this cache, shared by every checkout.
 DEFAULT_EXTENSIONS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rayclip" / "torch_extensions"
 
 
 def init_ray(cfg: RunConfig) -> None:
-    """Join the cluster of ``ray job submit`` (RAY_ADDRESS is set), or start a local one for this checkout.
-
-    A local cluster gets this checkout on its workers' PYTHONPATH (under ``ray job submit --working-dir``
-    Ray ships the code itself) and enough logical CPUs for the training workers plus the data stream's
-    read tasks and decode actors, which would otherwise wait forever on a 2-core laptop.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    """Join the cluster of ``ray job submit``, or start a local one with enough logical CPUs for the training
+    workers plus the data stream's read tasks and decode actors (which would otherwise wait forever on a
+    2-core laptop)."""
     needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.decode_concurrency + 1)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="WARNING")
-        available = ray.cluster_resources().get("CPU", 0)
-        if available < needed:
-            logger.warning("the cluster has %g CPUs now and this run needs %d (training workers, decode actors, "
-                           "a read task): it waits until an autoscaler adds them; a fixed cluster never will "
-                           "(restart it with more --num-cpus, or lower scaling.num_workers or data.decode_concurrency)",
-                           available, needed)
-        return
-    quiet_ray_driver()
-    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    num_cpus = max(os.cpu_count() or 1, needed)
-    ray.init(
-        num_cpus=num_cpus,
-        logging_level="WARNING",
-        # Ray Data's per-dataset INFO lines (execution plans, log folders) are for debugging, not for a run's output.
-        runtime_env={"env_vars": {"PYTHONPATH": python_path, "RAY_DATA_LOG_LEVEL": "WARNING"},
-                     "worker_process_setup_hook": "orchestrator.logs.quiet_ray_process"},
-    )
-    logger.info("local Ray started (%d logical CPUs); starting %d training workers", num_cpus, cfg.scaling.num_workers)
+    start_ray(needed, what=f"{cfg.scaling.num_workers} training workers, decode actors and a read task",
+              shortfall_hint="restart it with more --num-cpus, or lower scaling.num_workers or data.decode_concurrency")
 
 
 def name_run(cfg: RunConfig, resume: str | None = None) -> RunConfig:
@@ -130,7 +105,7 @@ def build_trainer(cfg: RunConfig, datasets: dict | None = None):
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail before any Ray time if the shards (or the held-out split for evaluation) cannot be opened.
+    """Fail before any Ray time if the shards or an evaluation set (its layout, class names, splits) cannot be used.
 
     Raises :class:`ConfigError` naming the field; under ``ray job submit --working-dir`` a local path
     that resolved into Ray's temporary copy of the directory (where ``data/`` is not shipped) says so.
@@ -138,9 +113,10 @@ def check_inputs(cfg: RunConfig) -> None:
     checks = [(f"data.sources[{i}].shards" if cfg.data.sources else "data.shards", source.shards,
                lambda source=source: resolve_source(source, cfg.data.s3_endpoint_url))
               for i, source in enumerate(cfg.data.source_list())]
-    if cfg.eval.enabled:
-        checks.append(("data.heldout", cfg.data.heldout_url,
-                       lambda: open_shard_set(cfg.data.heldout_url, cfg.data.s3_endpoint_url)))
+    position = {set_cfg.name: index for index, set_cfg in enumerate(cfg.eval.sets)}
+    for set_cfg in cfg.eval_sets():
+        field = f"eval.sets[{position[set_cfg.name]}].data" if set_cfg.name in position else "data.heldout"
+        checks.append((field, set_cfg.data, lambda set_cfg=set_cfg: open_set(set_cfg, cfg.data.s3_endpoint_url, limit=False)))
     for field, url, check in checks:
         try:
             check()

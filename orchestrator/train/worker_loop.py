@@ -2,8 +2,9 @@
 
 Per step: forward, features gathered across ranks with gradient, local-rows x global-columns loss,
 backward (exact accumulation over chunks when configured), optimizer step, logit-scale clamp. Every
-``checkpoint.every_steps``: every rank saves its shard and reports; every ``eval.every_steps``: sharded
-zero-shot evaluation; rank 0 alone talks to MLflow. At the end: final evaluation, the consolidated model
+``checkpoint.every_steps``: every rank saves its shard and reports; at each evaluation set's period
+(``eval.every_steps`` for the held-out split, ``eval.sets[].every_steps``): that set evaluated by all
+workers together (``orchestrator.eval.InLoopEvaluation``); rank 0 alone talks to MLflow. At the end: final evaluation, the consolidated model
 exported in OpenAI's layout, a final checkpoint, and the MLflow run closed.
 
 The worker receives only a plain dict (the validated config's ``model_dump()``) and rebuilds the typed
@@ -21,11 +22,11 @@ from typing import Any
 
 import torch
 
-from models import get_tokenizer
 from orchestrator.collectives import all_reduce_sum, gather_with_grad
-from orchestrator.config import RunConfig
-from orchestrator.eval import LabelledImages, ZeroShotResult, evaluate_zero_shot, load_eval_set
+from orchestrator.config import HELDOUT_SET, RunConfig
+from orchestrator.eval import EvalResult, InLoopEvaluation
 from orchestrator.logs import drop_records, get_logger, setup_logging, without_printed_lines
+from orchestrator.runs import EXPORT_FILE
 from orchestrator.train import checkpoint as checkpoints
 from orchestrator.train.engine import build_engine, build_model
 from orchestrator.train.parameters import clamp_logit_scale, current_logit_scale, export_openai_state_dict
@@ -49,8 +50,7 @@ class Worker:
     engine: Any
     state: checkpoints.TrainState
     tracker: Any = None
-    eval_set: LabelledImages | None = None
-    eval_templates: list[str] = field(default_factory=list)
+    evaluation: InLoopEvaluation | None = None
     last_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -86,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger.info("%d workers: DeepSpeed ZeRO-%d engine built (%s, global batch %d)", world_size,
                     cfg.deepspeed.zero_stage, cfg.precision, cfg.global_batch_size)
     state = _restore_or_start(cfg, engine, checkpoint, rank, context.get_local_rank(), world_size)
-    worker = Worker(cfg, rank, world_size, engine, state)
+    worker = Worker(cfg, rank, world_size, engine, state, evaluation=InLoopEvaluation(cfg))
     worker.tracker = _start_tracking(worker)
     try:
         _train(worker)
@@ -157,7 +157,7 @@ def _train(worker: Worker) -> None:
             window_start, window_samples = time.perf_counter(), 0
         if state.step >= worker.stop_step:
             break
-        if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
+        if worker.evaluation.due(state.step):
             evaluate(worker)
         if state.step % cfg.checkpoint.every_steps == 0:
             state.data_position = batches.position()
@@ -227,33 +227,27 @@ def _log_step(worker: Worker, result: StepResult, samples_per_s: float, batches:
         worker.tracker.log_metrics(metrics, worker.state.step)
 
 
-def evaluate(worker: Worker) -> ZeroShotResult | None:
-    """Sharded zero-shot evaluation (collective); rank 0 logs it."""
-    if worker.eval_set is None and worker.cfg.eval.enabled:  # read at the first evaluation, not before step 1
-        worker.eval_set, worker.eval_templates = load_eval_set(worker.cfg, worker.engine.module.image_size)
-    if worker.eval_set is None:
-        return None
-    cfg = worker.cfg
-    # The bare module runs outside the engine's forward, so it needs the engine's autocast itself.
-    with torch.autocast(worker.engine.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        result = evaluate_zero_shot(
-            worker.engine.module,
-            worker.eval_set,
-            get_tokenizer(context_length=cfg.model.spec().text.context_length),
-            worker.eval_templates,
-            rank=worker.rank,
-            world_size=worker.world_size,
-            batch_size=cfg.eval.batch_size,
-            dtype=worker.dtype,
-        )
-    worker.last_metrics.update({"zero_shot_top1": result.top1, "zero_shot_top5": result.top5})
-    if worker.is_chief:
-        logger.info("step %d: zero-shot top-1 %.3f, top-5 %.3f on %d images", worker.state.step, result.top1,
-                    result.top5, result.images)
-        worker.tracker.log_zero_shot(
-            worker.state.step, result.top1, result.top5, result.confusion.numpy(), result.class_names
-        )
-    return result
+def evaluate(worker: Worker, *, final: bool = False) -> list[EvalResult]:
+    """Evaluate the sets due at this step, or every set when ``final`` (collective); rank 0 logs them.
+
+    The held-out split's zero-shot top-1/top-5 also go out as ``zero_shot_top1`` / ``zero_shot_top5``.
+    """
+    due = worker.evaluation.due(worker.state.step, final=final)
+    if not due:
+        return []
+    results = worker.evaluation.run(worker.engine.module, due, rank=worker.rank, world_size=worker.world_size,
+                                    device=worker.engine.device, bf16=worker.cfg.precision == "bf16")
+    for result in results:
+        extra = {}
+        if result.set_name == HELDOUT_SET and result.task == "zeroshot":
+            extra = {"zero_shot_top1": result.metrics["zeroshot_top1"], "zero_shot_top5": result.metrics["zeroshot_top5"]}
+        worker.last_metrics.update({f"eval/{result.set_name}/{name}": value for name, value in result.metrics.items()})
+        worker.last_metrics.update(extra)
+        if worker.is_chief:
+            bad = f", {sum(result.bad_samples.values())} bad samples skipped" if result.bad_samples else ""
+            logger.info("step %d: %s (%d images%s)", worker.state.step, result.headline, result.images, bad)
+            worker.tracker.log_evaluation(result, worker.state.step, extra)
+    return results
 
 
 def _report_metrics(worker: Worker) -> dict[str, Any]:
@@ -263,10 +257,10 @@ def _report_metrics(worker: Worker) -> dict[str, Any]:
 
 def _finish(worker: Worker) -> None:
     """Final evaluation, export, final checkpoint (with the export), and the MLflow run closed."""
-    evaluate(worker)
+    evaluate(worker, final=True)
     with tempfile.TemporaryDirectory() as scratch:
         export_path = write_export(worker, scratch)
-        extra = {checkpoints.EXPORT_FILE: export_path} if export_path else None
+        extra = {EXPORT_FILE: export_path} if export_path else None
         checkpoints.save_and_report(worker.engine, worker.state, worker.rank, _report_metrics(worker), extra)
         if worker.tracker is not None:
             finished = worker.state.step >= worker.cfg.schedule.total_steps
@@ -278,7 +272,7 @@ def write_export(worker: Worker, directory: str) -> str | None:
     state = export_openai_state_dict(worker.engine, worker.cfg.deepspeed.zero_stage)
     if not worker.is_chief:
         return None
-    path = os.path.join(directory, checkpoints.EXPORT_FILE)
+    path = os.path.join(directory, EXPORT_FILE)
     torch.save(state, path)
     return path
 

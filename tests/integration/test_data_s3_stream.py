@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import boto3
-import numpy as np
 import pytest
 
 from orchestrator.data import (
@@ -17,11 +16,11 @@ from orchestrator.data import (
     build_train_dataset,
     exact_once_data_config,
     iter_train_batches,
-    load_heldout,
     stream_counters,
     stream_position,
 )
 from orchestrator.data import FASHION_MNIST_CLASSES, ShardOptions, prepare_fashion_mnist, read_idx
+from orchestrator.eval import Preprocess, limit_set, open_eval_set, read_part
 
 pytestmark = pytest.mark.integration
 
@@ -126,10 +125,16 @@ def test_resume_neither_repeats_nor_skips_beyond_shards_in_flight(fashion_on_s3,
     assert all((epoch, sample >> 32) not in done for epoch, sample in replayed)
 
 
-def test_heldout_split_has_labels_class_names_and_template(fashion_on_s3, s3_endpoint):
-    heldout = load_heldout(_cfg(fashion_on_s3, s3_endpoint))
+def test_heldout_split_on_s3_is_an_evaluation_set_with_labels_class_names_and_template(fashion_on_s3, s3_endpoint):
+    cfg = _cfg(fashion_on_s3, s3_endpoint)
+    heldout = open_eval_set(fashion_on_s3, endpoint_url=s3_endpoint)  # the root: its heldout/ is the test split
+    assert heldout.layout == "rayclip" and heldout.url == cfg.heldout_url and heldout.samples == PER_SPLIT
+    assert heldout.class_names == list(FASHION_MNIST_CLASSES) and heldout.templates == ["a photo of a {}."]
+    samples = [sample for part in heldout.parts for block in read_part(heldout, part) for sample in block]
     labels = read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")[:PER_SPLIT]
-    assert np.array_equal(heldout.labels, labels) and heldout.bad_samples == 0
-    assert heldout.class_names == list(FASHION_MNIST_CLASSES) and heldout.template == "a photo of a {}."
-    images, batch_labels = next(heldout.batches(batch_size=10, image_size=32))
-    assert images.shape == (10, 3, 32, 32) and batch_labels.tolist() == labels[:10].tolist()
+    assert [sample.label for sample in samples] == labels.tolist() and not any(s.error for s in samples)
+    pixels = Preprocess(32)([sample.image for sample in samples[:10]])
+    assert pixels.images.shape == (10, 3, 32, 32) and all(pixels.decoded)
+    first = limit_set(heldout, 15)  # 12 a shard: one whole shard and 3 of the next
+    assert [p.limit for p in first.parts] == [None, 3]
+    assert sum(len(b) for p in first.parts for b in read_part(first, p)) == 15

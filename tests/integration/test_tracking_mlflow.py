@@ -12,6 +12,7 @@ import torch
 from matplotlib.image import imread
 from mlflow import MlflowClient
 
+from orchestrator.eval import EvalResult
 from orchestrator.tracking import MAX_PARAM_VALUE_CHARS, RunTracker, flatten_config
 from tests.local_servers import free_port, stop, wait_until_serving
 from tests.factories import TrackingSettings as Settings
@@ -52,6 +53,13 @@ def _config(model_name: str = "RN50", lr: float = 5e-4) -> dict:
     }
 
 
+def _zero_shot(top1: float, confusion: np.ndarray, classes: list[str]) -> EvalResult:
+    """A zero-shot result as the evaluation reports it (only what tracking reads is filled in)."""
+    recall = np.diag(confusion) / confusion.sum(axis=1)
+    return EvalResult("heldout", "zeroshot", {"zeroshot_top1": top1, "zeroshot_top5": 1.0}, int(confusion.sum()),
+                      class_names=classes, confusion=confusion, per_class=dict(zip(classes, recall.tolist())))
+
+
 def _assert_png(client: MlflowClient, run_id: str, artifact: str, dst: Path) -> None:
     local = client.download_artifacts(run_id, artifact, dst_path=str(dst))
     height, width, _ = imread(local).shape
@@ -69,8 +77,9 @@ def test_full_run_against_server(mlflow_server, tmp_path):
         tracker.log_metrics({"loss": 2.0 - step, "lr": 1e-4 * step, "logit_scale": 14.3}, step=step)
     tracker.log_metrics({"loss": float("nan"), "lr": 3e-4}, step=3)
     classes = ["t-shirt", "trouser", "bag"]
-    tracker.log_zero_shot(10, 0.4, 0.9, np.array([[3, 1, 0], [0, 4, 0], [2, 0, 2]]), classes)
-    tracker.log_zero_shot(20, 0.6, 1.0, np.diag([4, 4, 4]), classes)
+    tracker.log_evaluation(_zero_shot(0.4, np.array([[3, 1, 0], [0, 4, 0], [2, 0, 2]]), classes), 10,
+                           {"zero_shot_top1": 0.4})
+    tracker.log_evaluation(_zero_shot(0.6, np.diag([4, 4, 4]), classes), 20, {"zero_shot_top1": 0.6})
     time.sleep(1.0)  # let the system-metrics sampler take a few samples
     state = write_export_file(tmp_path / "clip_rn50.pt")
     tracker.finish(str(tmp_path / "clip_rn50.pt"))
@@ -86,7 +95,7 @@ def test_full_run_against_server(mlflow_server, tmp_path):
     loss = client.get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in loss] == [(0, 2.0), (1, 1.0), (2, 0.0)]
     assert run.data.metrics["tracking/non_finite_skipped"] == 1.0
-    assert run.data.metrics["zero_shot_top1"] == 0.6
+    assert run.data.metrics["zero_shot_top1"] == 0.6 and run.data.metrics["eval/heldout/zeroshot_top1"] == 0.6
     assert any(key.startswith("system/") for key in run.data.metrics)
     _assert_run_artifacts(client, run_id, tmp_path, state)
     assert_registered(client, "rayclip-full", run_id)
@@ -94,13 +103,14 @@ def test_full_run_against_server(mlflow_server, tmp_path):
 
 def _assert_run_artifacts(client: MlflowClient, run_id: str, tmp_path: Path, state: dict) -> None:
     assert artifact_paths(client, run_id) == {
-        "config.yaml", "model/clip_rn50.pt", "zero_shot/accuracy.png",
-        "zero_shot/confusion_step_00000010.png", "zero_shot/confusion_step_00000020.png",
+        "config.yaml", "model/clip_rn50.pt", "eval/heldout/curve.png",
+        "eval/heldout/confusion_step_00000010.png", "eval/heldout/confusion_step_00000020.png",
+        "eval/heldout/per_class_step_00000010.png", "eval/heldout/per_class_step_00000020.png",
     }
     config_yaml = client.download_artifacts(run_id, "config.yaml", dst_path=str(tmp_path / "cfg"))
     assert Path(config_yaml).read_text() == "model:\n  name: RN50\n"
-    _assert_png(client, run_id, "zero_shot/accuracy.png", tmp_path / "acc")
-    _assert_png(client, run_id, "zero_shot/confusion_step_00000020.png", tmp_path / "cm")
+    _assert_png(client, run_id, "eval/heldout/curve.png", tmp_path / "acc")
+    _assert_png(client, run_id, "eval/heldout/confusion_step_00000020.png", tmp_path / "cm")
     model_file = client.download_artifacts(run_id, "model/clip_rn50.pt", dst_path=str(tmp_path / "dl"))
     loaded = torch.load(model_file, weights_only=True)
     assert torch.equal(loaded["text_projection"], state["text_projection"])
@@ -111,16 +121,16 @@ def test_resume_continues_the_same_run(mlflow_server, tmp_path, caplog):
     first = RunTracker.from_config(settings)
     run_id = first.start(_config(lr=5e-4), "first: yaml\n")
     first.log_metrics({"loss": 3.0}, step=0)
-    first.log_zero_shot(0, 0.1, 0.5, np.eye(2), ["a", "b"])
+    first.log_evaluation(_zero_shot(0.1, np.eye(2), ["a", "b"]), 0)
     first.finish(None, status="FAILED")  # the job died; Ray restarts it from a checkpoint
 
     second = RunTracker.from_config(settings)
     config = _config(lr=1e-4) | {"checkpoint": {"resumed_from": "step_1"}}
     with rayclip_records(caplog) as records:
         assert second.start(config, "second: yaml\n", resume_run_id=run_id) == run_id
-    assert second.zero_shot_history == [(0, 0.1, 0.5)]
     second.log_metrics({"loss": 2.0}, step=1)
-    second.log_zero_shot(1, 0.3, 0.7, np.eye(2), ["a", "b"])
+    second.log_evaluation(_zero_shot(0.3, np.eye(2), ["a", "b"]), 1)
+    assert second.evaluation_history == {"heldout": [(0, 0.1), (1, 0.3)]}  # the curve keeps the first attempt's point
     write_export_file(tmp_path / "clip_rn50.pt")
     second.finish(str(tmp_path / "clip_rn50.pt"))
 

@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from models import create_model, get_tokenizer
-from orchestrator.eval import evaluate_zero_shot, load_eval_set
+from models import create_model
+from orchestrator.eval import FeatureEncoder, InLoopEvaluation, WorkerFeatures, zero_shot
 from orchestrator.train import build_model, build_trainer
 from tests.factories import metric_history
 
@@ -47,8 +47,8 @@ def test_two_workers_train_and_loss_falls(tiny_run_config, zero_stage):
     assert not torch.equal(model.state_dict()["visual.conv1.weight"], initial["visual.conv1.weight"])
 
     # the sharded in-loop evaluation agrees with the exported model evaluated alone, in this process
-    eval_set, templates = load_eval_set(cfg, model.image_size)
-    tokenizer = get_tokenizer(context_length=model.spec.text.context_length)
-    alone = evaluate_zero_shot(model, eval_set, tokenizer, templates, rank=0, world_size=1, batch_size=128)
-    assert abs(alone.top1 - result.metrics["zero_shot_top1"]) <= 2 / len(eval_set.labels)
-    assert abs(alone.top5 - result.metrics["zero_shot_top5"]) <= 2 / len(eval_set.labels)
+    heldout = InLoopEvaluation(cfg).open(cfg.eval_sets()[0]).test
+    alone = zero_shot(WorkerFeatures(FeatureEncoder(model.eval()), rank=0, world_size=1, batch_size=128), heldout)
+    assert alone.images == cfg.eval.max_images
+    assert abs(alone.metrics["zeroshot_top1"] - result.metrics["zero_shot_top1"]) <= 2 / alone.images
+    assert abs(alone.metrics["zeroshot_top5"] - result.metrics["zero_shot_top5"]) <= 2 / alone.images

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import BaseModel
 
-from orchestrator.config import ConfigError, RunConfig, apply_overrides, load_config, resolve_local_paths
+from orchestrator.config import HELDOUT_SET, ConfigError, RunConfig, apply_overrides, load_config, resolve_local_paths
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -72,6 +73,14 @@ def test_unknown_section_is_an_error():
         ("schedule.kind=step", "schedule.kind = 'step'", "'cosine', 'linear' or 'constant_with_warmup'"),
         ("optim.lr=-1", "optim.lr = -1", "greater than 0"),
         ("eval.templates=['no slot']", "eval.templates", "'{}'"),
+        ("eval.sets=[{name: a, data: /x, task: classify}]", "eval.sets.0.task = 'classify'",
+         "'zeroshot', 'retrieval' or 'linear-probe'"),
+        ("eval.sets=[{name: a, data: /x, layout: coco}]", "eval.sets.0.layout = 'coco'",
+         "'auto', 'clip_benchmark', 'image_folder' or 'rayclip'"),
+        ("eval.sets=[{name: 'my set', data: /x}]", "eval.sets.0.name = 'my set'", "letters, digits and '_', '.', '-'"),
+        ("eval.sets=[{name: a, data: /x, templates: ['none']}]", "eval.sets.0.templates", "'{c}'"),
+        ("eval.sets=[{name: a}]", "eval.sets.0.data = <missing>", "Field required"),
+        ("eval.sets=[{name: a, data: /x, max_images: 0}]", "eval.sets.0.max_images = 0", "greater than 0"),
     ],
 )
 def test_bad_values_name_field_value_and_allowed(override, field, allowed):
@@ -93,6 +102,44 @@ def test_bad_values_name_field_value_and_allowed(override, field, allowed):
 )
 def test_cross_section_problems_are_named(overrides, fragment):
     assert fragment in _error(overrides)
+
+
+def test_templates_take_clip_benchmarks_c_slot_as_well():
+    cfg = load_config(overrides=["eval.templates=['a photo of a {c}.', 'itap of a {}.']",
+                                 "eval.sets=[{name: pets, data: /x, templates: ['a {c}.']}]"])
+    assert cfg.eval.templates == ["a photo of a {}.", "itap of a {}."]
+    assert cfg.eval.sets[0].templates == ["a {}."]
+
+
+def test_eval_set_names_must_be_distinct():
+    message = _error(["eval.sets=[{name: a, data: /x}, {name: b, data: /y}, {name: a, data: /z}]"])
+    assert "eval.sets" in message and "set names must be distinct; repeated: a" in message
+
+
+def test_heldout_is_reserved_for_the_held_out_split_while_it_is_evaluated():
+    message = _error(["eval.sets=[{name: heldout, data: /x}]"])
+    assert f"eval.sets: the name '{HELDOUT_SET}' is the held-out split's" in message
+    assert "allowed: another name, or eval.heldout=false" in message
+    cfg = load_config(overrides=["eval.sets=[{name: heldout, data: /x}]", "eval.heldout=false"])
+    assert [s.name for s in cfg.eval_sets()] == ["heldout"] and cfg.eval_sets()[0].data == "/x"
+
+
+def test_eval_sets_put_the_held_out_split_first_with_its_own_settings():
+    cfg = load_config(overrides=["eval.every_steps=50", "eval.max_images=100", "eval.templates=['a {}.']",
+                                 "eval.sets=[{name: imagenet, data: s3://b/imagenet, every_steps: 200}]"])
+    heldout, imagenet = cfg.eval_sets()
+    assert (heldout.name, heldout.layout, heldout.task) == (HELDOUT_SET, "rayclip", "zeroshot")
+    assert heldout.data == cfg.data.heldout_url
+    assert (heldout.every_steps, heldout.max_images, heldout.templates) == (50, 100, ["a {}."])
+    assert (imagenet.name, imagenet.every_steps, imagenet.layout, imagenet.split) == ("imagenet", 200, "auto", "test")
+    assert load_config(overrides=["eval.enabled=false"]).eval_sets() == []
+    assert load_config(overrides=["eval.heldout=false"]).eval_sets() == []
+
+
+def test_unknown_key_in_a_list_item_names_the_allowed_keys():
+    message = _error(["eval.sets=[{name: a, data: /x, colour: red}]"])
+    assert "eval.sets.0.colour" in message and "unknown key" in message
+    assert "name, data, task, layout" in message
 
 
 def test_explicit_matching_data_fields_are_accepted():
@@ -123,6 +170,11 @@ def test_relative_paths_resolve_against_the_launch_directory(tmp_path):
     assert cfg.data.shards == str(tmp_path / "data" / "fashion-mnist")
     s3 = resolve_local_paths(load_config(overrides=["checkpoint.storage_path=s3://b/p"]), tmp_path)
     assert s3.checkpoint.storage_path == "s3://b/p"
+    sets = resolve_local_paths(load_config(overrides=[
+        "eval.sets=[{name: a, data: sets/cifar10, classnames: names.txt}, {name: b, data: s3://b/coco},"
+        " {name: c, data: /abs}]"]), tmp_path).eval.sets
+    assert (sets[0].data, sets[0].classnames) == (str(tmp_path / "sets" / "cifar10"), str(tmp_path / "names.txt"))
+    assert (sets[1].data, sets[1].classnames, sets[2].data) == ("s3://b/coco", None, "/abs")
 
 
 def test_outputs_of_a_ray_job_outlive_its_temporary_working_directory(tmp_path):
@@ -140,16 +192,27 @@ def test_outputs_of_a_ray_job_outlive_its_temporary_working_directory(tmp_path):
 
 
 def test_every_field_has_a_docstring():
+    def sections_inside(annotation):
+        """The config sections an annotation holds: ``list[EvalSetConfig]``, ``list[DataSource] | None``."""
+        for item in typing.get_args(annotation):
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                yield item
+            else:
+                yield from sections_inside(item)
+
     def walk(model_cls, prefix=""):
         for name, info in model_cls.model_fields.items():
             annotation = info.annotation
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 yield from walk(annotation, f"{prefix}{name}.")
-            else:
-                yield f"{prefix}{name}", info.description
+                continue
+            yield f"{prefix}{name}", info.description
+            for section in sections_inside(annotation):
+                yield from walk(section, f"{prefix}{name}[].")
 
-    undocumented = [name for name, doc in walk(RunConfig) if not doc]
-    assert not undocumented
+    documented = dict(walk(RunConfig))
+    assert {"eval.sets[].name", "eval.sets[].max_train_images", "data.sources[].shards"} <= set(documented)
+    assert not [name for name, doc in documented.items() if not doc]
 
 
 def test_gpu_recipes_train_in_bf16_autocast_over_fp32_weights():

@@ -1,4 +1,4 @@
-"""Unit tests for orchestrator/tracking/ that need no running MLflow store."""
+"""Unit tests for orchestrator/tracking/ that need no MLflow server (one uses a local sqlite store)."""
 
 import io
 import logging
@@ -9,24 +9,42 @@ import time
 import numpy as np
 import pytest
 from matplotlib.image import imread
+from mlflow import MlflowClient
 
+from orchestrator.eval import EvalResult
 from orchestrator.tracking import (
+    CONFUSION_MAX_CLASSES,
     MAX_PARAM_VALUE_CHARS,
     MAX_PARAMS_PER_BATCH,
     RunTracker,
+    evaluation_figures,
+    evaluation_metrics,
     flatten_config,
     param_batches,
-    render_accuracy_curve,
     render_confusion_matrix,
+    render_metric_curve,
+    render_per_class,
+    render_recall_at_k,
 )
 from tests.factories import TrackingSettings as Settings
-from tests.factories import rayclip_records
+from tests.factories import artifact_paths, metric_history, rayclip_records
 
 HTTP_ENV = (
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
     "MLFLOW_HTTP_REQUEST_TIMEOUT",
 )
+
+
+def zero_shot_result(top1: float = 0.5, confusion=((1, 1), (0, 2)), names=("cat", "dog")) -> EvalResult:
+    return EvalResult("pets", "zeroshot", {"zeroshot_top1": top1, "zeroshot_top5": 1.0}, 4,
+                      class_names=list(names), confusion=np.asarray(confusion), per_class={"cat": 0.5, "dog": 1.0})
+
+
+def retrieval_result() -> EvalResult:
+    metrics = {f"{d}_recall_at_{k}": value for d, base in (("image_to_text", 0.4), ("text_to_image", 0.3))
+               for k, value in zip((1, 5, 10), (base, base + 0.3, base + 0.4))}
+    return EvalResult("coco", "retrieval", metrics, 10)
 
 
 def closed_port_uri() -> str:
@@ -82,7 +100,7 @@ def test_unreachable_server_warns_once_and_every_call_is_a_no_op(monkeypatch, ca
         started = time.monotonic()
         run_id = tracker.start({"model": {"name": "RN50"}}, "model:\n  name: RN50\n", world_size=2)
         tracker.log_metrics({"loss": 1.0}, step=0)
-        tracker.log_zero_shot(10, 0.5, 0.9, np.eye(2), ["cat", "dog"])
+        tracker.log_evaluation(zero_shot_result(), 10, {"zero_shot_top1": 0.5})
         model = tmp_path / "clip.pt"
         model.write_bytes(b"not used")
         tracker.finish(str(model))
@@ -103,10 +121,31 @@ def test_http_uri_sets_short_retry_defaults_without_overriding_the_operator(monk
     assert int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 3
 
 
-def test_zero_shot_rejects_a_confusion_matrix_that_does_not_match_the_classes():
-    tracker = RunTracker()
+def test_a_confusion_matrix_that_does_not_match_the_classes_is_rejected_tracking_or_not():
+    bad = zero_shot_result(confusion=np.zeros((2, 2)), names=("a", "b", "c"))
+    with pytest.raises(ValueError, match="expected \\(3, 3\\) for 3 class names"):
+        evaluation_figures(bad, 0, [])
     with pytest.raises(ValueError, match="expected \\(3, 3\\)"):
-        tracker.log_zero_shot(0, 0.1, 0.2, np.zeros((2, 2)), ["a", "b", "c"])
+        RunTracker().log_evaluation(bad, 0)
+
+
+def test_evaluation_metrics_are_named_per_set():
+    assert evaluation_metrics(zero_shot_result()) == {"eval/pets/zeroshot_top1": 0.5, "eval/pets/zeroshot_top5": 1.0}
+    assert evaluation_metrics(retrieval_result())["eval/coco/text_to_image_recall_at_5"] == pytest.approx(0.6)
+
+
+def test_evaluation_figures_per_task():
+    figures = evaluation_figures(zero_shot_result(), 7, [(0, 0.2), (7, 0.5)])
+    assert set(figures) == {"per_class_step_00000007.png", "confusion_step_00000007.png", "curve.png"}
+    no_history = evaluation_figures(zero_shot_result(), 7, [])
+    assert set(no_history) == {"per_class_step_00000007.png", "confusion_step_00000007.png"}
+    assert set(evaluation_figures(retrieval_result(), 3, [(3, 0.4)])) == {"recall_at_k_step_00000003.png", "curve.png"}
+    probe = EvalResult("pets", "linear-probe", {"linear_probe_top1": 0.9, "linear_probe_C": 3.16}, 4,
+                       class_names=["cat", "dog"], per_class={"cat": 0.8, "dog": 1.0})
+    assert set(evaluation_figures(probe, 1, [(1, 0.9)])) == {"per_class_step_00000001.png", "curve.png"}
+    names = [f"class {i}" for i in range(CONFUSION_MAX_CLASSES + 1)]
+    many = zero_shot_result(confusion=np.eye(len(names)), names=names)  # unreadable drawn; the results file keeps it
+    assert "confusion_step_00000001.png" not in evaluation_figures(many, 1, [])
 
 
 def test_finish_rejects_unknown_status():
@@ -116,8 +155,11 @@ def test_finish_rejects_unknown_status():
 
 def test_plots_render_to_png():
     confusion = np.array([[8, 2, 0], [1, 9, 0], [0, 0, 0]])
-    for fig in (render_confusion_matrix(confusion, ["a", "b", "c"], step=5),
-                render_accuracy_curve([(0, 0.1, 0.3), (100, 0.4, 0.8)])):
+    for fig in (render_confusion_matrix(confusion, ["a", "b", "c"], step=5, title="pets zero-shot"),
+                render_metric_curve([(100, 0.4), (0, 0.1)], "zeroshot_top1", "pets zero-shot"),
+                render_per_class({"a": 0.8, "b": 0.9, "c": 0.0}, "per-class recall", "pets zero-shot"),
+                render_recall_at_k({"image->text": {1: 0.4, 5: 0.7, 10: 0.8}, "text->image": {1: 0.3, 5: 0.6, 10: 0.7}},
+                                   "coco retrieval")):
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
         assert buffer.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -150,3 +192,27 @@ def test_a_corrupt_local_store_warns_and_training_goes_on(caplog, tmp_path):
         tracker.log_metrics({"loss": 1.0}, step=0)
     assert run_id is None and not tracker.active
     assert len([r for r in records if r.levelno == logging.WARNING]) == 1
+
+
+def test_log_evaluation_writes_metrics_and_figures_and_redraws_the_curve_after_a_restart(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    uri = "sqlite:///mlflow.db"
+    first = RunTracker(uri=uri, experiment="eval")
+    run_id = first.start({"model": {"name": "ViT-tiny"}}, "model: {name: ViT-tiny}\n")
+    first.log_evaluation(zero_shot_result(top1=0.25), 10, {"zero_shot_top1": 0.25})
+    first.log_evaluation(retrieval_result(), 10)
+    first.finish(None, status="FAILED")
+
+    second = RunTracker(uri=uri, experiment="eval")
+    assert second.attach(run_id)
+    second.log_evaluation(zero_shot_result(top1=0.5), 20)
+    assert second.evaluation_history["pets"] == [(10, 0.25), (20, 0.5)]  # the curve keeps the steps before the restart
+    assert not RunTracker(uri=uri, experiment="eval").attach("0" * 32)
+
+    assert metric_history(uri, run_id, "eval/pets/zeroshot_top1") == {10: 0.25, 20: 0.5}
+    assert metric_history(uri, run_id, "zero_shot_top1") == {10: 0.25}
+    assert metric_history(uri, run_id, "eval/coco/image_to_text_recall_at_10") == {10: pytest.approx(0.8)}
+    assert artifact_paths(MlflowClient(uri), run_id) >= {
+        "eval/pets/per_class_step_00000010.png", "eval/pets/confusion_step_00000010.png",
+        "eval/pets/per_class_step_00000020.png", "eval/pets/confusion_step_00000020.png", "eval/pets/curve.png",
+        "eval/coco/recall_at_k_step_00000010.png", "eval/coco/curve.png"}

@@ -52,7 +52,7 @@ DISTINCT_IMAGES = 256
 SIDES_PX = (160, 256)
 JPEG_QUALITY = 85
 JOB_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "DS_ACCELERATOR": "cpu", "MLFLOW_DISABLE_TELEMETRY": "true"}
-ROLES = ("driver", "encode actor", "read tasks", "ray data helpers", "idle workers", "ray daemons")
+ROLES = ("driver", "encode actor", "read tasks", "decode tasks", "ray data helpers", "idle workers", "ray daemons")
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # retitled like workers, but Ray's own
 STARTUP_TIMEOUT = "timed out during startup"  # Ray waits 30 s for its raylet, a fixed limit a busy machine passes
 STARTUP_ATTEMPTS = 3
@@ -139,8 +139,10 @@ def role_of(cmdline: list[str]) -> str:
     title = " ".join(cmdline)
     if "EncodeOnActor" in title:
         return "encode actor"
-    if "read_and_preprocess" in title:
+    if "read_rows" in title:
         return "read tasks"
+    if "preprocess_rows" in title:
+        return "decode tasks"
     if title.startswith(RAY_AGENTS):
         return "ray daemons"
     starting = len(cmdline) > 1 and "python" in os.path.basename(cmdline[0]) and cmdline[1].endswith("default_worker.py")

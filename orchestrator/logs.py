@@ -88,8 +88,37 @@ def quiet_ray_driver() -> None:
 
 
 def quiet_ray_process() -> None:
-    """Ray's ``worker_process_setup_hook`` on a cluster rayclip starts: two lines of Ray's own actors
-    that tell a user nothing to act on, silenced by their message (everything else still shows)."""
+    """Ray's ``worker_process_setup_hook`` on a cluster rayclip starts: lines of Ray's own actors that
+    tell a user nothing to act on, silenced by their message (everything else still shows)."""
     drop_records("ray.data._internal.progress", "Progress bars disabled")  # the demo turns them off on purpose
+    # Ray Train's cleaner says so each time a run's controller is gone (every trial of a search ends that way).
+    drop_records("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                 "Detected that the Ray Train controller actor")
     # Ray Data's own DatasetManager sets the option it deprecates (Ray 2.60).
     warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
+
+
+# Lines Ray's C++ core and raylet print in every run, about Ray's own actors and worker pool, that a user
+# cannot act on: an actor whose constructor arguments live in the object store may not restart (ray #53727;
+# Ray Train's and Ray Data's internal actors), and a 2-core laptop starting more Python workers than cores.
+RAY_NOISE = ("has constructor arguments in the object store and max_restarts > 0",
+             "PYTHON worker processes have been started on node")
+
+
+def drop_forwarded_lines(*fragments: str) -> None:
+    """Lines Ray forwards to this driver (its processes' output, the raylet's warnings) that contain
+    ``fragments`` are not printed; every other line is. C++ log lines have no Python logger to filter: this
+    wraps the one function of Ray's driver that prints them all (idempotent)."""
+    from ray._private import worker
+
+    printer = worker.print_worker_logs
+    if getattr(printer, "dropped_fragments", None) == fragments:
+        return
+
+    def print_kept(data: dict, *args, **kwargs) -> None:
+        kept = [line for line in data["lines"] if not any(fragment in line for fragment in fragments)]
+        if kept:
+            printer({**data, "lines": kept}, *args, **kwargs)
+
+    print_kept.dropped_fragments = fragments
+    worker.print_worker_logs = print_kept

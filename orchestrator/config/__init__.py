@@ -13,6 +13,7 @@ from orchestrator.config.loading import (
     output_base_dir,
     resolve_local_paths,
 )
+from orchestrator.config.tune import Distribution, TuneSection, set_dotted
 from orchestrator.config.run import HELDOUT_SET, ConfigError, RunConfig, format_validation_error
 from orchestrator.config.sections import (
     CheckpointConfig,
@@ -31,6 +32,9 @@ from orchestrator.config.sections import (
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "Distribution",
+    "TuneSection",
+    "set_dotted",
     "EVAL_LAYOUTS",
     "EVAL_TASKS",
     "HELDOUT_SET",

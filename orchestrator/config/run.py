@@ -8,6 +8,7 @@ rebuilt there with :meth:`RunConfig.from_dict`, so nothing a worker needs depend
 
 from __future__ import annotations
 
+import copy
 import typing
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from orchestrator.config.data import DataConfig
+from orchestrator.config.tune import TuneSection, metric_of_task, set_dotted
 from orchestrator.config.sections import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -53,6 +55,8 @@ class RunConfig(ConfigSection):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneSection | None = None
+    """A Ray Tune search over this config (``jobs/tune.py``); ``jobs/pretrain.py`` ignores it."""
 
     @model_validator(mode="before")
     @classmethod
@@ -174,12 +178,70 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"schedule.stop_after_steps={stop} exceeds schedule.total_steps={cfg.schedule.total_steps}")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
         problems.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage 1, 2 or 3 (got 0)")
+    problems += _tune_problems(cfg)
     if cfg.checkpoint.s3_endpoint_url and not cfg.checkpoint.storage_path.startswith("s3://"):
         problems.append(
             f"checkpoint.s3_endpoint_url is set but checkpoint.storage_path={cfg.checkpoint.storage_path!r} "
             "is not an s3:// URL"
         )
     return problems
+
+
+def _tune_problems(cfg: RunConfig) -> list[str]:
+    """Every search-space path must be a run-config field that takes each candidate value; the metric must
+    be one an evaluation set reports, early enough for ASHA."""
+    tune = cfg.tune
+    if tune is None:
+        return []
+    problems = []
+    base = cfg.model_dump(mode="json", exclude={"tune"})
+    for path, distribution in tune.search_space.items():
+        where = f"tune.search_space.{path}"
+        if not _is_field_path(path):
+            problems.append(f"{where}: no such run-config field; allowed: a dotted path like optim.lr, "
+                            "loss.init_temperature or schedule.warmup_steps")
+            continue
+        for value in distribution.candidates():
+            data = copy.deepcopy(base)
+            set_dotted(data, path, value)
+            try:
+                RunConfig.model_validate(data)
+            except ValidationError as error:
+                reason = format_validation_error(error, data).splitlines()[1].strip()
+                problems.append(f"{where}: the value {value!r} is not allowed ({reason})")
+    problems += _tune_metric_problems(cfg)
+    return problems
+
+
+def _is_field_path(path: str) -> bool:
+    section: type[BaseModel] = RunConfig
+    *parents, leaf = path.split(".")
+    for part in parents:
+        annotation = section.model_fields[part].annotation if part in section.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        section = annotation
+    return leaf in section.model_fields and path not in ("name", "tune")
+
+
+def _tune_metric_problems(cfg: RunConfig) -> list[str]:
+    tune = cfg.tune
+    if not tune.metric.startswith("eval/"):
+        return []
+    _, set_name, metric = tune.metric.split("/", 2)
+    sets = {eval_set.name: eval_set for eval_set in cfg.eval_sets()}
+    if set_name not in sets:
+        return [f"tune.metric={tune.metric!r}: no evaluation set {set_name!r}; allowed sets: "
+                f"{', '.join(sets) or 'none (eval.enabled / eval.heldout / eval.sets)'}"]
+    eval_set = sets[set_name]
+    if metric not in metric_of_task(eval_set.task):
+        return [f"tune.metric={tune.metric!r}: set {set_name!r} (task {eval_set.task}) reports "
+                f"{', '.join(metric_of_task(eval_set.task))}"]
+    if tune.scheduler == "asha" and not eval_set.every_steps:
+        field = "eval.every_steps" if set_name == HELDOUT_SET else f"eval.sets[{set_name}].every_steps"
+        return [f"tune.metric={tune.metric!r}: ASHA compares trials while they run, so the set needs a period: "
+                f"set {field} (or tune.scheduler=fifo)"]
+    return []
 
 
 def format_validation_error(error: ValidationError, data: dict[str, Any]) -> str:

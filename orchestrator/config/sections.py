@@ -141,6 +141,8 @@ class TrackingConfig(ConfigSection):
     """MLflow experiment name (created if missing)."""
     run_name: str | None = None
     """MLflow run name; null uses the top-level ``name``."""
+    tags: dict[str, str] = Field(default_factory=dict)
+    """Extra MLflow run tags (a Tune search sets ``mlflow.parentRunId`` to nest its trials under its run)."""
     register_model_name: str | None = None
     """Register the exported model under this name in the MLflow model registry; null skips."""
     artifact_location: str | None = None
@@ -153,7 +155,7 @@ class TrackingConfig(ConfigSection):
     """Let MLflow sample CPU/GPU/memory utilisation on rank 0's node."""
 
 
-EVAL_TASKS = ("zeroshot", "retrieval", "linear-probe")
+EVAL_TASKS = ("zeroshot", "retrieval", "linear-probe", "contrastive-loss")
 EVAL_LAYOUTS = ("auto", "clip_benchmark", "image_folder", "rayclip")
 _SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -177,9 +179,10 @@ class EvalSetConfig(ConfigSection):
     data: str
     """The set's root or split folder, local or ``s3://``: CLIP_benchmark's WebDataset layout, an image-folder
     tree (``val/<class>/*.JPEG``), or rayclip shards with class names (``prepare_data.py`` output)."""
-    task: Literal["zeroshot", "retrieval", "linear-probe"] = "zeroshot"
+    task: Literal["zeroshot", "retrieval", "linear-probe", "contrastive-loss"] = "zeroshot"
     """zeroshot: top-1/top-5/mean per-class recall with prompt ensembling; retrieval: image<->text recall@1/5/10
-    with every caption; linear-probe: logistic regression on frozen image features (train split -> test split)."""
+    with every caption; linear-probe: logistic regression on frozen image features (train split -> test split);
+    contrastive-loss: the training loss on held-out image-caption pairs (batches of ``eval.batch_size``)."""
     layout: Literal["auto", "clip_benchmark", "image_folder", "rayclip"] = "auto"
     """How the set is stored; auto tells them apart by their files (nshards.txt, manifest.json, class folders)."""
     split: str = "test"

@@ -100,10 +100,10 @@ class InLoopEvaluation:
             self.opened[set_cfg.name] = open_set(set_cfg, self.cfg.data.s3_endpoint_url)
         return self.opened[set_cfg.name]
 
-    def run(self, model, set_cfgs: list[EvalSetConfig], *, rank: int, world_size: int, device,
-            bf16: bool) -> list[EvalResult]:
-        """Evaluate ``model`` on the given sets (collective); zero-shot results on every rank, retrieval and
-        linear-probe results on rank 0 only."""
+    def run(self, model, set_cfgs: list[EvalSetConfig], *, rank: int, world_size: int, device, bf16: bool,
+            logit_scale: float) -> list[EvalResult]:
+        """Evaluate ``model`` on the given sets (collective); zero-shot results on every rank, the others on
+        rank 0 only. ``logit_scale`` is the model's exp(t) (read collectively: under ZeRO-3 it is partitioned)."""
         was_training = model.training
         model.eval()
         try:
@@ -112,7 +112,8 @@ class InLoopEvaluation:
             for set_cfg in set_cfgs:
                 opened = self.open(set_cfg)
                 source = WorkerFeatures(encoder, rank=rank, world_size=world_size, batch_size=self.cfg.eval.batch_size)
-                result = run_task(source, opened, seed=self.cfg.seed)
+                result = run_task(source, opened, logit_scale=logit_scale, batch_size=self.cfg.eval.batch_size,
+                                  seed=self.cfg.seed)
                 if result is not None:
                     results.append(result)
             return results

@@ -73,6 +73,8 @@ class EvalResult:
         if self.task == "retrieval":
             return (f"{self.set_name} retrieval recall@1: image->text {m['image_to_text_recall_at_1']:.3f}, "
                     f"text->image {m['text_to_image_recall_at_1']:.3f}")
+        if self.task == "contrastive-loss":
+            return f"{self.set_name} contrastive loss: {m['contrastive_loss']:.4f}"
         return f"{self.set_name} linear-probe top-1: {m['linear_probe_top1']:.3f}"
 
     def to_json(self) -> dict:

@@ -271,7 +271,7 @@ def _open_rayclip(folder: storage.Location, *, name: str, split: str, classnames
 
 def for_task(eval_set: EvalSet, task: str) -> EvalSet:
     """The set as ``task`` reads it, or :class:`EvalSetError` when the set cannot serve that task."""
-    if task in ("zeroshot", "linear-probe"):
+    if task in ("zeroshot", "linear-probe"):  # class names needed; retrieval and the loss need captions
         if eval_set.kind != "classification":
             raise EvalSetError(f"{eval_set.url}: a caption set without class names cannot be evaluated with task "
                                f"{task!r}; allowed: task 'retrieval', or a set with class names")
@@ -280,7 +280,7 @@ def for_task(eval_set: EvalSet, task: str) -> EvalSet:
         return eval_set
     if eval_set.layout == "rayclip":  # captioned shards: each image with its one caption
         return dataclasses.replace(eval_set, kind="retrieval")
-    raise EvalSetError(f"{eval_set.url}: a {eval_set.layout} classification set has no captions for task 'retrieval'; "
+    raise EvalSetError(f"{eval_set.url}: a {eval_set.layout} classification set has no captions for task {task!r}; "
                        "allowed: CLIP_benchmark's retrieval layout (dataset_type.txt 'retrieval') or rayclip shards")
 
 

@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from models import retrieval_recall
+from models import ClipLoss, retrieval_recall
 from orchestrator.eval.encode import class_embeddings, prompts
 from orchestrator.eval.probe import linear_probe as fit_linear_probe
 from orchestrator.eval.results import BAD_SAMPLE_KINDS, RECALL_KS, EvalResult, ZeroShotCounts, retrieval_metrics, zero_shot_result
@@ -127,6 +127,27 @@ def retrieval(source: FeatureSource, eval_set: EvalSet) -> EvalResult | None:
                                                    "split": eval_set.split, "url": eval_set.url})
 
 
+def contrastive_loss(source: FeatureSource, eval_set: EvalSet, *, logit_scale: float,
+                     batch_size: int) -> EvalResult | None:
+    """The paper's symmetric contrastive loss on held-out pairs, each image with its first caption, in batches
+    of ``batch_size`` pairs in sample-id order (the remainder is left out when a full batch exists, so every
+    batch has the same number of negatives), at the model's temperature ``logit_scale`` (on the chief)."""
+    gathered = gather_features(source, eval_set, captions=True)
+    if gathered is None:
+        return None
+    pairs = len(gathered.features)
+    if not pairs:
+        raise ValueError(f"{eval_set.name}: no image could be evaluated (bad samples: {dict(gathered.bad) or 'none'})")
+    texts = torch.stack([captions[0] for captions in gathered.caption_features])  # (N, E)
+    size = min(batch_size, pairs)
+    losses = [ClipLoss()(gathered.features[start:start + size], texts[start:start + size], torch.tensor(logit_scale))
+              for start in range(0, pairs - size + 1, size)]
+    return EvalResult(eval_set.name, "contrastive-loss", {"contrastive_loss": float(torch.stack(losses).mean())},
+                      size * len(losses), dict(gathered.bad),
+                      details={"batch_size": size, "logit_scale": logit_scale, "layout": eval_set.layout,
+                               "split": eval_set.split, "url": eval_set.url})
+
+
 def linear_probe(source: FeatureSource, train_set: EvalSet, test_set: EvalSet, *, seed: int = 0) -> EvalResult | None:
     """The paper's linear probe: C swept on a validation part of train, refit, top-1 on test (on the chief)."""
     if train_set.class_names != test_set.class_names:
@@ -173,11 +194,15 @@ def open_set(set_cfg: EvalSetConfig, default_endpoint: str | None = None, *, lim
     return OpenedSet(set_cfg, split(set_cfg.split, set_cfg.max_images), train)
 
 
-def run_task(source: FeatureSource, opened: OpenedSet, *, seed: int = 0) -> EvalResult | None:
-    """The set's task on ``source``: the same call in ``jobs/evaluate.py`` and in the training loop."""
+def run_task(source: FeatureSource, opened: OpenedSet, *, logit_scale: float, batch_size: int,
+             seed: int = 0) -> EvalResult | None:
+    """The set's task on ``source``: the same call in ``jobs/evaluate.py`` and in the training loop
+    (``logit_scale``: the model's exp(t), for the contrastive loss; ``batch_size``: its pairs a batch)."""
     task = opened.config.task
     if task == "zeroshot":
         return zero_shot(source, opened.test, opened.config.templates)
     if task == "retrieval":
         return retrieval(source, opened.test)
+    if task == "contrastive-loss":
+        return contrastive_loss(source, opened.test, logit_scale=logit_scale, batch_size=batch_size)
     return linear_probe(source, opened.train, opened.test, seed=seed)

@@ -21,7 +21,14 @@ from orchestrator.tracking.evaluation import (
     evaluation_metrics,
     metric_key,
 )
-from orchestrator.tracking.plots import render_confusion_matrix, render_metric_curve, render_per_class, render_recall_at_k
+from orchestrator.tracking.plots import (
+    render_confusion_matrix,
+    render_metric_curve,
+    render_metric_vs_param,
+    render_per_class,
+    render_recall_at_k,
+    render_trial_curves,
+)
 from orchestrator.tracking.run_tracker import RunTracker, TrackingSettings
 
 __all__ = [
@@ -44,6 +51,8 @@ __all__ = [
     "param_batches",
     "render_confusion_matrix",
     "render_metric_curve",
+    "render_metric_vs_param",
     "render_per_class",
     "render_recall_at_k",
+    "render_trial_curves",
 ]

@@ -18,8 +18,9 @@ from orchestrator.tracking.plots import render_confusion_matrix, render_metric_c
 
 CONFUSION_MAX_CLASSES = 100  # a larger matrix is unreadable as a picture; the results file keeps it
 HEADLINE_METRIC = {"zeroshot": "zeroshot_top1", "retrieval": "image_to_text_recall_at_1",
-                   "linear-probe": "linear_probe_top1"}
-_TASK_TITLE = {"zeroshot": "zero-shot", "retrieval": "retrieval", "linear-probe": "linear probe"}
+                   "linear-probe": "linear_probe_top1", "contrastive-loss": "contrastive_loss"}
+_TASK_TITLE = {"zeroshot": "zero-shot", "retrieval": "retrieval", "linear-probe": "linear probe",
+               "contrastive-loss": "held-out contrastive loss"}
 
 
 class EvaluationResult(Protocol):

@@ -80,3 +80,43 @@ def render_recall_at_k(recall: dict[str, dict[int, float]], title: str) -> Figur
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+_OUTCOME_MARKERS = {"finished": ("o", "tab:green"), "stopped early": ("v", "tab:orange"), "failed": ("x", "tab:red")}
+
+
+def render_metric_vs_param(points: list[tuple[float, float, str]], param: str, metric: str, *, log_x: bool) -> Figure:
+    """A search's trials as points: a searched value against the trial's last metric, marked by outcome."""
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for outcome, (marker, colour) in _OUTCOME_MARKERS.items():
+        chosen = [(x, y) for x, y, kind in points if kind == outcome]
+        if chosen:
+            ax.scatter(*zip(*chosen), marker=marker, color=colour, label=outcome)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(param)
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{metric} against {param}")
+    fig.tight_layout()
+    return fig
+
+
+def render_trial_curves(curves: dict[str, list[tuple[float, float]]], metric: str, time_attr: str) -> Figure:
+    """Every trial's metric over its run (a trial ASHA stopped ends early)."""
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, curve in sorted(curves.items()):
+        ax.plot(*zip(*curve), marker="o", label=name)
+    ax.set_xlabel(time_attr)
+    ax.set_ylabel(metric)
+    ax.grid(True, alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8)
+    ax.set_title("trials")
+    fig.tight_layout()
+    return fig

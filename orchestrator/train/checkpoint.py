@@ -128,6 +128,14 @@ def save_and_report(engine, state: TrainState, rank: int, metrics: dict[str, Any
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def report_metrics(metrics: dict[str, Any]) -> None:
+    """Report metrics to Ray Train without a checkpoint (every rank calls it, as for checkpoints); under Ray
+    Tune they reach the trial's scheduler (ASHA) between checkpoints."""
+    import ray.train
+
+    ray.train.report(metrics)
+
+
 def read_state(filesystem, path: str) -> TrainState:
     """The train state stored in the checkpoint folder ``path`` of ``filesystem`` (a pyarrow filesystem);
     reads that one small file, not the whole checkpoint."""

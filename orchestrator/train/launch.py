@@ -29,12 +29,13 @@ logger = get_logger("train")
 DEFAULT_EXTENSIONS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rayclip" / "torch_extensions"
 
 
-def init_ray(cfg: RunConfig) -> None:
+def init_ray(cfg: RunConfig, runs_at_once: int = 1) -> None:
     """Join the cluster of ``ray job submit``, or start a local one with enough logical CPUs for the training
-    workers plus the data stream's read tasks and decode actors (which would otherwise wait forever on a
-    2-core laptop)."""
-    needed = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.decode_concurrency + 1)
-    start_ray(needed, what=f"{cfg.scaling.num_workers} training workers, decode actors and a read task",
+    workers plus the data stream's read tasks and decode actors of ``runs_at_once`` runs (a search's concurrent
+    trials), which would otherwise wait forever on a 2-core laptop."""
+    per_run = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.decode_concurrency + 1
+    start_ray(math.ceil(per_run * runs_at_once),
+              what=f"{runs_at_once} x ({cfg.scaling.num_workers} training workers, decode actors and a read task)",
               shortfall_hint="restart it with more --num-cpus, or lower scaling.num_workers or data.decode_concurrency")
 
 
@@ -63,12 +64,12 @@ def worker_environment(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-def build_trainer(cfg: RunConfig, datasets: dict | None = None):
+def build_trainer(cfg: RunConfig, datasets: dict | None = None, callbacks: list | None = None):
     """A ``TorchTrainer`` running ``train_loop_per_worker`` on the configured workers.
 
     ``datasets`` defaults to the configured shard stream, rebuilt by Ray Train's controller at every
     worker-group start (``orchestrator.train.controller_datasets``); the config travels to workers as a
-    plain dict.
+    plain dict. ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -83,6 +84,7 @@ def build_trainer(cfg: RunConfig, datasets: dict | None = None):
         worker_runtime_env={"env_vars": worker_environment(cfg)},
         # Ray Train's INFO lines (worker-group starts, every reported checkpoint) would bury rayclip's own.
         logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        callbacks=callbacks,
     )
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.extra_resources}
     if cfg.scaling.use_gpu:

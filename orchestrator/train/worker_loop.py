@@ -131,6 +131,7 @@ def _start_tracking(worker: Worker):
         run_name=cfg.tracking.run_name or cfg.name,
         resume_run_id=worker.state.mlflow_run_id,
         world_size=worker.world_size,
+        tags=cfg.tracking.tags,
     )
     return tracker
 
@@ -159,6 +160,8 @@ def _train(worker: Worker) -> None:
             break
         if worker.evaluation.due(state.step):
             evaluate(worker)
+            if state.step % cfg.checkpoint.every_steps:  # else the checkpoint's report carries the results
+                checkpoints.report_metrics(_report_metrics(worker))  # Ray Tune's schedulers act on them
         if state.step % cfg.checkpoint.every_steps == 0:
             state.data_position = batches.position()
             checkpoints.save_and_report(worker.engine, state, worker.rank, _report_metrics(worker))
@@ -235,8 +238,10 @@ def evaluate(worker: Worker, *, final: bool = False) -> list[EvalResult]:
     due = worker.evaluation.due(worker.state.step, final=final)
     if not due:
         return []
+    cfg = worker.cfg
+    scale = current_logit_scale(worker.engine, cfg.deepspeed.zero_stage, cfg.loss.max_logit_scale)  # collective
     results = worker.evaluation.run(worker.engine.module, due, rank=worker.rank, world_size=worker.world_size,
-                                    device=worker.engine.device, bf16=worker.cfg.precision == "bf16")
+                                    device=worker.engine.device, bf16=cfg.precision == "bf16", logit_scale=scale)
     for result in results:
         extra = {}
         if result.set_name == HELDOUT_SET and result.task == "zeroshot":

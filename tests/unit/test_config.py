@@ -74,7 +74,7 @@ def test_unknown_section_is_an_error():
         ("optim.lr=-1", "optim.lr = -1", "greater than 0"),
         ("eval.templates=['no slot']", "eval.templates", "'{}'"),
         ("eval.sets=[{name: a, data: /x, task: classify}]", "eval.sets.0.task = 'classify'",
-         "'zeroshot', 'retrieval' or 'linear-probe'"),
+         "'zeroshot', 'retrieval', 'linear-probe' or 'contrastive-loss'"),
         ("eval.sets=[{name: a, data: /x, layout: coco}]", "eval.sets.0.layout = 'coco'",
          "'auto', 'clip_benchmark', 'image_folder' or 'rayclip'"),
         ("eval.sets=[{name: 'my set', data: /x}]", "eval.sets.0.name = 'my set'", "letters, digits and '_', '.', '-'"),

@@ -40,3 +40,25 @@ def test_without_printed_lines_keeps_every_other_line(capsys):
         print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
         print("something the user should see")
     assert capsys.readouterr().out == "something the user should see\n"
+
+
+def test_forwarded_ray_lines_lose_only_the_named_noise(monkeypatch):
+    import io
+
+    from ray._private import worker
+
+    from orchestrator.logs import RAY_NOISE, drop_forwarded_lines
+
+    monkeypatch.setattr(worker, "print_worker_logs", worker.print_worker_logs)  # restored after the test
+    drop_forwarded_lines(*RAY_NOISE)
+    drop_forwarded_lines(*RAY_NOISE)  # a second job in one process wraps nothing twice
+    noise = ("core_worker.cc:2465: Actor with class name: 'X' has constructor arguments in the object store and "
+             "max_restarts > 0. If the arguments ... are lost, the actor restart will fail.")
+    sink = io.StringIO()
+    # a worker's output and a raylet warning, through Ray's own printing (as its log thread and error listener call it)
+    worker.print_worker_logs({"lines": [noise, "[rayclip] step 1/10 loss 5.0", noise], "pid": 7, "ip": "127.0.0.1",
+                              "is_err": False, "task_name": "RayTrainWorker", "actor_name": ""}, sink, False)
+    worker.print_worker_logs({"lines": ["WARNING: 8 PYTHON worker processes have been started on node: abc"],
+                              "pid": "raylet", "is_err": False}, sink, False)
+    printed = sink.getvalue().splitlines()
+    assert len(printed) == 1 and printed[0].endswith("[rayclip] step 1/10 loss 5.0"), printed

@@ -29,6 +29,11 @@ def random_batch(rows: int, *, seed: int = 0, image_size: int = 32, lengths: tup
     return images, tokens
 
 
+def parameter_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter gradient the last backward produced, by parameter name."""
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
 def metric_history(tracking_uri: str, run_id: str, key: str) -> dict[int, float]:
     """A run's metric by step, read back from MLflow; a step logged twice fails the test."""
     metrics = MlflowClient(tracking_uri=tracking_uri).get_metric_history(run_id, key)

@@ -55,3 +55,28 @@ def stop(process: subprocess.Popen, timeout_s: float = 15) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def stop_ray_head(head: subprocess.Popen, gcs_port: int) -> None:
+    """Stop a ``ray start --head --block`` we started (it stops its node's processes as it exits) and drop
+    the address record ``ray start`` left for later ``ray.init()`` calls, if it is this head's."""
+    stop(head, timeout_s=60)
+    record = Path("/tmp/ray/ray_current_cluster")
+    if record.exists() and record.read_text().strip().endswith(f":{gcs_port}"):
+        record.unlink()
+
+
+def submit_job(address: str, entrypoint: list[str], env: dict, cwd: Path, *, runtime_env: dict | None = None,
+               timeout_s: float = 900) -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir .`` of ``entrypoint`` to the dashboard at ``address``, waiting for the
+    job's end; retried while the head's job agent has not registered yet (the dashboard answers before it)."""
+    import json
+
+    command = ["ray", "job", "submit", f"--address={address}", "--working-dir=.",
+               f"--runtime-env-json={json.dumps(runtime_env or {})}", "--", *entrypoint]
+    for _ in range(30):
+        run = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if "No available agent to submit job" not in run.stderr + run.stdout:
+            break
+        time.sleep(2)
+    return run

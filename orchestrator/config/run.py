@@ -9,6 +9,7 @@ rebuilt there with :meth:`RunConfig.from_dict`, so nothing a worker needs depend
 from __future__ import annotations
 
 import copy
+import math
 import typing
 from typing import Any, Literal
 
@@ -74,9 +75,11 @@ class RunConfig(ConfigSection):
         try:
             model = ModelConfig.model_validate(values.get("model") or {})
             deepspeed = DeepSpeedConfig.model_validate(values.get("deepspeed") or {})
+            scaling = ScalingSection.model_validate(values.get("scaling") or {})
         except ValidationError:
             return values
-        return {**values, "data": {**{name: value for name, (value, _) in _data_shape(model, deepspeed).items()}, **data}}
+        shape = _data_shape(model, deepspeed, scaling)
+        return {**values, "data": {**{name: value for name, (value, _) in shape.items()}, **data}}
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
@@ -88,7 +91,15 @@ class RunConfig(ConfigSection):
     @property
     def global_batch_size(self) -> int:
         """Samples per optimizer step across all workers: the paper's 32,768 for the big recipes."""
-        return self.deepspeed.micro_batch_size * self.deepspeed.grad_accum_steps * self.scaling.num_workers
+        return _global_batch(self.deepspeed, self.scaling)
+
+    def accumulation_chunks(self, world_size: int) -> int:
+        """Chunks per step on ``world_size`` workers that keep the global batch (checked for every count)."""
+        return self.global_batch_size // (world_size * self.deepspeed.micro_batch_size)
+
+    def worker_batch_size(self, world_size: int) -> int:
+        """Samples one of ``world_size`` workers trains on per step."""
+        return self.global_batch_size // world_size
 
     @property
     def precision(self) -> Literal["bf16", "fp32"]:
@@ -127,23 +138,57 @@ class RunConfig(ConfigSection):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _data_shape(model: ModelConfig, deepspeed: DeepSpeedConfig) -> dict[str, tuple[int, str]]:
+def _global_batch(deepspeed: DeepSpeedConfig, scaling: ScalingSection) -> int:
+    if deepspeed.global_batch_size is not None:
+        return deepspeed.global_batch_size
+    return deepspeed.micro_batch_size * deepspeed.grad_accum_steps * scaling.max_workers
+
+
+def _data_shape(model: ModelConfig, deepspeed: DeepSpeedConfig, scaling: ScalingSection) -> dict[str, tuple[int, str]]:
     """What the data stream must produce for the model and the batch plan: field -> (value, its source)."""
     spec = model.spec()
     return {
         "image_size": (spec.vision.image_size, "the model's input size (model.name / model.image_size)"),
         "context_length": (spec.text.context_length, "the model's text context (model.context_length)"),
         "batch_size": (
-            deepspeed.micro_batch_size * deepspeed.grad_accum_steps,
-            "deepspeed.micro_batch_size x deepspeed.grad_accum_steps (samples per worker per step)",
+            _global_batch(deepspeed, scaling) // scaling.max_workers,
+            "the global batch / the (largest) worker count (samples per worker per step)",
         ),
     }
+
+
+def _batch_plan_problems(cfg: RunConfig) -> list[str]:
+    """The global batch must split into whole chunks of micro-batches at every worker count the run may have."""
+    deepspeed, scaling, total = cfg.deepspeed, cfg.scaling, cfg.global_batch_size
+    if deepspeed.global_batch_size is None:
+        if not scaling.elastic:
+            return []
+        source = (f"the global batch {total} (micro_batch_size {deepspeed.micro_batch_size} x grad_accum_steps "
+                  f"{deepspeed.grad_accum_steps} x {scaling.max_workers} workers)")
+    else:
+        source = f"deepspeed.global_batch_size={total}"
+        implied = total // (scaling.max_workers * deepspeed.micro_batch_size)
+        if deepspeed.grad_accum_steps not in (1, implied):
+            return [f"deepspeed.grad_accum_steps={deepspeed.grad_accum_steps} disagrees with {source}: the chunks "
+                    f"follow from it ({implied} at {scaling.max_workers} workers); allowed: 1 (unset) or {implied}"]
+    failing = [n for n in scaling.worker_counts if total % (n * deepspeed.micro_batch_size)]
+    if not failing:
+        return []
+    fitting = math.lcm(*(n * deepspeed.micro_batch_size for n in scaling.worker_counts))
+    return [f"{source} cannot be split over scaling.num_workers={_plain(scaling.num_workers)}: not a whole number "
+            f"of {deepspeed.micro_batch_size}-sample micro-batches per worker with {failing} workers; allowed: a "
+            f"global batch that is a multiple of {fitting} (deepspeed.global_batch_size), or another worker range "
+            "or micro_batch_size"]
+
+
+def _plain(value) -> str:
+    return f"[{value[0]}, {value[1]}]" if isinstance(value, tuple) else str(value)
 
 
 def _data_shape_problems(cfg: RunConfig) -> list[str]:
     """An explicit ``data`` value that disagrees with the model or the batch plan (see ``_data_follows_the_model``)."""
     problems = []
-    for name, (value, meaning) in _data_shape(cfg.model, cfg.deepspeed).items():
+    for name, (value, meaning) in _data_shape(cfg.model, cfg.deepspeed, cfg.scaling).items():
         if getattr(cfg.data, name) != value:
             problems.append(f"data.{name}={getattr(cfg.data, name)} must equal {meaning} = {value}; allowed: {value} or unset")
     return problems
@@ -151,7 +196,7 @@ def _data_shape_problems(cfg: RunConfig) -> list[str]:
 
 def _cross_field_problems(cfg: RunConfig) -> list[str]:
     """Constraints between sections, each message naming the fields involved and what is allowed."""
-    problems = _data_shape_problems(cfg)
+    problems = _batch_plan_problems(cfg) or _data_shape_problems(cfg)
     if cfg.eval.enabled and cfg.eval.heldout and cfg.data.heldout_url is None:
         problems.append("eval.heldout=true needs data.heldout (a labelled split) when the training shards are not "
                         "one folder; allowed: set data.heldout, or eval.heldout=false (eval.sets still run)")

@@ -99,13 +99,21 @@ class DeepSpeedConfig(ConfigSection):
     """Samples per worker per forward/backward chunk (what must fit in one device's memory)."""
     grad_accum_steps: int = Field(default=1, ge=1)
     """Chunks per optimizer step. Every chunk's loss still sees all negatives of the whole global batch."""
+    global_batch_size: int | None = Field(default=None, gt=0)
+    """Samples per optimizer step over all workers; null: micro_batch_size x grad_accum_steps x the (largest)
+    worker count. When set, the chunks follow from it at every worker count: global batch / (workers x
+    micro-batch), so an elastic run that shrinks or grows keeps the same optimisation."""
     offload_optimizer: bool = False
     """ZeRO 1-3: keep optimizer states in CPU memory (slower steps, less device memory)."""
 
 
 class ScalingSection(ConfigSection):
-    num_workers: int = Field(default=2, gt=0)
-    """Ray Train workers (one per GPU on a GPU cluster)."""
+    num_workers: int | tuple[int, int] = 2
+    """Ray Train workers (one per GPU on a GPU cluster); ``[min, max]`` trains elastically: the run starts once
+    ``min`` can be placed, shrinks when a node is lost and grows back to ``max`` when capacity returns (each
+    resize restarts the workers from the latest checkpoint with the same global batch)."""
+    resize_check_s: float = Field(default=60.0, gt=0)
+    """Elastic runs: how often Ray Train checks whether more workers could be placed (a grow is a restart)."""
     use_gpu: bool = False
     """One GPU per worker; false trains on CPU with the gloo backend."""
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -114,6 +122,31 @@ class ScalingSection(ConfigSection):
     """Pin workers to a GPU type known to Ray (e.g. "H100"); null takes any."""
     extra_resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources each worker also needs, to place workers on labelled nodes (e.g. {"spot": 1})."""
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError(f"must be a positive count or [min, max] with 1 <= min <= max; got {value!r}")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may train on."""
+        return range(self.min_workers, self.max_workers + 1)
 
 
 class CheckpointConfig(ConfigSection):

@@ -309,6 +309,14 @@ class RunTracker:
             return [(m.step, m.value) for m in self._client.get_metric_history(self.run_id, key)]
         return []
 
+    def last_logged(self, key: str) -> tuple[int, float] | None:
+        """(step, wall-clock seconds) of ``key``'s latest value in the run; None when it has none."""
+        with self._guarded(f"read the history of {key}"):
+            history = self._client.get_metric_history(self.run_id, key) if self.active else []
+            latest = max(history, key=lambda m: (m.step, m.timestamp), default=None)
+            return None if latest is None else (latest.step, latest.timestamp / 1000)
+        return None
+
     def log_file(self, path: str, artifact_dir: str | None = None) -> None:
         """Upload one local file as an artifact of the run."""
         if self.active:

@@ -88,7 +88,7 @@ class TrainDatasetFactory:
         sources = resolved[run.name]
         per_epoch = VisitTable.of_sources(sources).samples_per_epoch
         stream = build_train_dataset(run.data, epochs=epochs_to_plan(run, per_epoch), position=progress,
-                                     sources=sources, consumers=run.scaling.num_workers)
+                                     sources=sources, consumers=run.scaling.max_workers)
         name, live = registry_name(run), TrainDatasetFactory.live_registries
         if name not in live:  # the creating handle owns the actor: keep that one, not a borrowed one
             live[name] = ray.remote(StreamRegistry).options(**control_actor_options(name, REGISTRY_NAMESPACE)).remote()

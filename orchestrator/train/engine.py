@@ -47,8 +47,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
     return {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
-        "gradient_accumulation_steps": ds.grad_accum_steps,
-        "train_batch_size": ds.micro_batch_size * ds.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": cfg.accumulation_chunks(world_size),
+        "train_batch_size": cfg.global_batch_size,
         "gradient_clipping": cfg.optim.grad_clip_norm or 0.0,
         "zero_optimization": zero,
         # bf16 runs as torch.autocast over fp32 weights (DeepSpeed's torch_autocast), not as DeepSpeed's

@@ -33,9 +33,9 @@ def init_ray(cfg: RunConfig, runs_at_once: int = 1) -> None:
     """Join the cluster of ``ray job submit``, or start a local one with enough logical CPUs for the training
     workers plus the data stream's read tasks and decode actors of ``runs_at_once`` runs (a search's concurrent
     trials), which would otherwise wait forever on a 2-core laptop."""
-    per_run = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.decode_concurrency + 1
+    per_run = cfg.scaling.max_workers * cfg.scaling.cpus_per_worker + cfg.data.decode_concurrency + 1
     start_ray(math.ceil(per_run * runs_at_once),
-              what=f"{runs_at_once} x ({cfg.scaling.num_workers} training workers, decode actors and a read task)",
+              what=f"{runs_at_once} x ({cfg.scaling.max_workers} training workers, decode actors and a read task)",
               shortfall_hint="restart it with more --num-cpus, or lower scaling.num_workers or data.decode_concurrency")
 
 
@@ -90,10 +90,13 @@ def build_trainer(cfg: RunConfig, datasets: dict | None = None, callbacks: list 
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
     scaling = ray.train.ScalingConfig(
+        # (min, max) makes Ray Train v2 elastic: it starts once min workers fit, and on a worker-group
+        # failure or every resize_check_s while healthy, restarts the group at the size that fits now
         num_workers=cfg.scaling.num_workers,
         use_gpu=cfg.scaling.use_gpu,
         resources_per_worker=resources,
         accelerator_type=cfg.scaling.accelerator_type,
+        elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
     )
     return TorchTrainer(
         train_loop_per_worker,

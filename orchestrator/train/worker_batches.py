@@ -38,9 +38,10 @@ class TrainBatches:
         import ray.train
 
         self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.batch_size = cfg.data.batch_size
+        context = ray.train.get_context()
+        self.batch_size = cfg.worker_batch_size(context.get_world_size())  # the global batch at any worker count
         self.monitor_name = current_monitor(cfg)
-        self.rank = ray.train.get_context().get_world_rank()
+        self.rank = context.get_world_rank()
         self.shard = ray.train.get_dataset_shard("train")
         self.shard_names = stream_visit_names(self.monitor_name)  # visit index -> position key
         self.saved = position  # the last position this run saved (or resumed from)

@@ -41,6 +41,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
+class Resize:
+    """A worker group that resumed a checkpoint of another worker count (an elastic shrink or grow)."""
+
+    from_workers: int
+    checkpoint_step: int
+    last_step: int | None = None
+    """The last step the run logged before the resize, and when (rank 0, from MLflow)."""
+    last_step_time: float | None = None
+
+
+@dataclass
 class Worker:
     """What one training worker holds for the whole run."""
 
@@ -52,6 +63,8 @@ class Worker:
     tracker: Any = None
     evaluation: InLoopEvaluation | None = None
     last_metrics: dict[str, float] = field(default_factory=dict)
+    resize: Resize | None = None
+    """Set when this worker group resumed a checkpoint of another worker count, until its first step."""
 
     @property
     def is_chief(self) -> bool:
@@ -83,11 +96,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resized = checkpoint is not None and checkpoints.saved_state(checkpoint).world_size != world_size
     engine = build_engine(cfg, build_model(cfg), world_size, load_universal=resized)
     if rank == 0:
-        logger.info("%d workers: DeepSpeed ZeRO-%d engine built (%s, global batch %d)", world_size,
-                    cfg.deepspeed.zero_stage, cfg.precision, cfg.global_batch_size)
+        chunks = cfg.accumulation_chunks(world_size)
+        plan = f"{world_size} x {cfg.deepspeed.micro_batch_size}" + (f" x {chunks} chunks" if chunks > 1 else "")
+        elastic = f" of {cfg.scaling.min_workers}-{cfg.scaling.max_workers}" if cfg.scaling.elastic else ""
+        logger.info("%d workers%s: DeepSpeed ZeRO-%d engine built (%s, global batch %d = %s)", world_size, elastic,
+                    cfg.deepspeed.zero_stage, cfg.precision, cfg.global_batch_size, plan)
     state = _restore_or_start(cfg, engine, checkpoint, rank, context.get_local_rank(), world_size)
     worker = Worker(cfg, rank, world_size, engine, state, evaluation=InLoopEvaluation(cfg))
     worker.tracker = _start_tracking(worker)
+    if resized:
+        worker.resize = _note_resize(worker, checkpoints.saved_state(checkpoint).world_size)
     try:
         _train(worker)
         _finish(worker)
@@ -136,6 +154,34 @@ def _start_tracking(worker: Worker):
     return tracker
 
 
+def _note_resize(worker: Worker, from_workers: int) -> Resize:
+    resize = Resize(from_workers, worker.state.step)
+    if worker.tracker is not None:
+        last = worker.tracker.last_logged("train/loss")
+        if last is not None:
+            resize.last_step, resize.last_step_time = last
+        logger.info("resized from %d to %d workers: resuming the step-%d checkpoint with the same global batch %d "
+                    "(%d chunk(s) of %d a worker)%s", from_workers, worker.world_size, resize.checkpoint_step,
+                    worker.cfg.global_batch_size, worker.cfg.accumulation_chunks(worker.world_size),
+                    worker.cfg.deepspeed.micro_batch_size,
+                    f"; steps {resize.checkpoint_step + 1}-{resize.last_step} are trained again"
+                    if resize.last_step and resize.last_step > resize.checkpoint_step else "")
+    return resize
+
+
+def _log_resize_cost(worker: Worker) -> None:
+    """At the first step after a resize: the time it cost, from the last step logged before it (rank 0)."""
+    resize, worker.resize = worker.resize, None
+    if worker.tracker is None or resize.last_step_time is None:
+        return
+    lost_s = time.time() - resize.last_step_time
+    redone = max(0, (resize.last_step or 0) - resize.checkpoint_step)
+    logger.info("resize %d -> %d workers cost %s (from step %d's log line to step %d, %d step(s) redone)",
+                resize.from_workers, worker.world_size, _duration(lost_s), resize.last_step, worker.state.step, redone)
+    worker.tracker.log_metrics({"scaling/resize_seconds_lost": lost_s, "scaling/resize_steps_redone": float(redone)},
+                               worker.state.step)
+
+
 def _train(worker: Worker) -> None:
     cfg, state = worker.cfg, worker.state
     batches = TrainBatches(cfg, worker.engine.device, worker.dtype, state.data_position)
@@ -152,6 +198,8 @@ def _train(worker: Worker) -> None:
             continue
         state.step += 1
         state.nonfinite_in_row = 0
+        if worker.resize is not None:
+            _log_resize_cost(worker)
         if state.step % cfg.tracking.log_every_steps == 0 or state.step == 1:
             elapsed = time.perf_counter() - window_start
             _log_step(worker, result, window_samples / max(elapsed, 1e-9), batches)
@@ -179,7 +227,7 @@ def optimizer_step(worker: Worker, images: torch.Tensor, tokens: torch.Tensor) -
         engine.step()  # DeepSpeed applies the optimizer on the last chunk only
 
     common = dict(gather=gather_with_grad, backward=backward, all_reduce=all_reduce_sum)
-    chunks = worker.cfg.deepspeed.grad_accum_steps
+    chunks = worker.cfg.accumulation_chunks(worker.world_size)
     if chunks == 1:
         result = single_chunk_step(engine, images, tokens, **common)
     else:
@@ -217,6 +265,8 @@ def _log_step(worker: Worker, result: StepResult, samples_per_s: float, batches:
         "train/samples_per_s": samples_per_s,
         "train/samples_seen": float(worker.state.samples_seen),
         "train/nonfinite_steps": float(worker.state.nonfinite_steps),
+        "scaling/workers": float(worker.world_size),
+        "scaling/accumulation_chunks": float(worker.cfg.accumulation_chunks(worker.world_size)),
         **batches.error_counters(),
     }
     worker.last_metrics.update(metrics)

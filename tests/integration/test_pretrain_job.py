@@ -8,18 +8,16 @@ any Ray time, naming the field.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from orchestrator.train import DEFAULT_EXTENSIONS_DIR
-from tests.local_servers import free_port, wait_until_serving
+from tests.local_servers import free_port, stop_ray_head, submit_job, wait_until_serving
 
 pytestmark = pytest.mark.integration
 
@@ -68,16 +66,9 @@ def test_ray_job_submit_runs_pretraining(fashion_mnist_shards, tmp_path):
             "checkpoint.every_steps=3", f"checkpoint.storage_path={tmp_path / 'runs'}",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "eval.max_images=500",
         ]
-        command = [
-            "ray", "job", "submit", f"--address={address}", "--working-dir=.",
-            f"--runtime-env-json={json.dumps({'env_vars': {'TORCH_EXTENSIONS_DIR': extensions}})}",
-            "--", "python", "jobs/pretrain.py", *[arg for o in overrides for arg in ("--set", o)],
-        ]
-        for _ in range(30):  # the dashboard answers before the head's job agent has registered
-            run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-            if "No available agent to submit job" not in run.stderr + run.stdout:
-                break
-            time.sleep(2)
+        pretrain = ["python", "jobs/pretrain.py", *[arg for o in overrides for arg in ("--set", o)]]
+        runtime_env = {"env_vars": {"TORCH_EXTENSIONS_DIR": extensions}}
+        run = submit_job(address, pretrain, env, REPO_ROOT, runtime_env=runtime_env, timeout_s=600)
         output = run.stdout + run.stderr
         assert run.returncode == 0, output[-4000:]
         assert "succeeded" in output
@@ -90,24 +81,10 @@ def test_ray_job_submit_runs_pretraining(fashion_mnist_shards, tmp_path):
 
         # the design card's command as typed: the default data.shards is relative, and Ray's copy of the
         # working directory holds no data, so the job stops in one line saying what to pass
-        default = subprocess.run(command[: command.index("--") + 3], cwd=REPO_ROOT, env=env, capture_output=True,
-                                 text=True, timeout=600)
+        default = submit_job(address, pretrain[:2], env, REPO_ROOT, runtime_env=runtime_env, timeout_s=600)
         output = default.stdout + default.stderr
         assert default.returncode != 0
         assert "error: data.shards='" in output and "--set data.shards=/abs/path" in output, output[-3000:]
         assert "Traceback" not in output
     finally:
-        head.terminate()  # `ray start --block` stops the node's processes when it exits
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-        _forget_cluster(gcs_port)
-
-
-def _forget_cluster(gcs_port: int) -> None:
-    """`ray start` records its address for later `ray.init()` calls; drop the record of our stopped head."""
-    record = Path("/tmp/ray/ray_current_cluster")
-    if record.exists() and record.read_text().strip().endswith(f":{gcs_port}"):
-        record.unlink()
+        stop_ray_head(head, gcs_port)

@@ -21,6 +21,21 @@ def test_ray_cluster_yaml_passes_the_autoscaler_schema():
     assert any("ray==2.60.0" in cmd or "ray[default,train,tune,data]==2.60.0" in cmd for cmd in config["setup_commands"])
 
 
+def test_ray_cluster_yaml_exposes_nothing_publicly_and_offers_spot_and_on_demand_gpus():
+    config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert "mlflow server --host \"$(hostname -I" in head_start  # the private address: inside the VPC only
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert any("RAY_AUTH_MODE=token ray start" in command for command in commands)
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    gpu_nodes = {name: node for name, node in config["available_node_types"].items() if node["resources"].get("GPU")}
+    spot = {name for name, node in gpu_nodes.items() if node["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"}
+    assert spot and spot != set(gpu_nodes)  # both kinds
+    for name, node in gpu_nodes.items():  # a custom resource says which kind a node is, for placing workers
+        assert node["resources"].get("spot" if name in spot else "on_demand") == node["resources"]["GPU"], name
+
+
 def test_kuberay_manifests_pin_the_same_ray_and_ask_for_gpus():
     for path in sorted((ROOT / "clusters").glob("*.yaml")):
         document = yaml.safe_load(path.read_text())

@@ -93,7 +93,7 @@ def test_bad_values_name_field_value_and_allowed(override, field, allowed):
     [
         (["deepspeed.precision=bf16"], "deepspeed.precision='bf16' needs scaling.use_gpu=true"),
         (["data.image_size=64"], "data.image_size=64 must equal"),
-        (["data.batch_size=7"], "deepspeed.micro_batch_size x deepspeed.grad_accum_steps"),
+        (["data.batch_size=7"], "must equal the global batch / the (largest) worker count"),
         (["schedule.warmup_steps=5000", "schedule.total_steps=100"], "schedule.warmup_steps=5000 exceeds"),
         (["schedule.stop_after_steps=900", "schedule.total_steps=100", "schedule.warmup_steps=0"], "stop_after_steps=900"),
         (["model.image_size=30"], "multiple of ViT-tiny's patch size 4"),

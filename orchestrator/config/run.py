@@ -94,12 +94,17 @@ class RunConfig(ConfigSection):
         return _global_batch(self.deepspeed, self.scaling)
 
     def accumulation_chunks(self, world_size: int) -> int:
-        """Chunks per step on ``world_size`` workers that keep the global batch (checked for every count)."""
-        return self.global_batch_size // (world_size * self.deepspeed.micro_batch_size)
+        """Chunks per step on ``world_size`` workers: those that keep the global batch when it is fixed (an
+        elastic range, or ``deepspeed.global_batch_size``; checked for every count), else ``grad_accum_steps``
+        (a fixed worker count's batch grows with the workers, e.g. ``--resume`` on another count)."""
+        deepspeed = self.deepspeed
+        if deepspeed.global_batch_size is None and not self.scaling.elastic:
+            return deepspeed.grad_accum_steps
+        return self.global_batch_size // (world_size * deepspeed.micro_batch_size)
 
     def worker_batch_size(self, world_size: int) -> int:
         """Samples one of ``world_size`` workers trains on per step."""
-        return self.global_batch_size // world_size
+        return self.accumulation_chunks(world_size) * self.deepspeed.micro_batch_size
 
     @property
     def precision(self) -> Literal["bf16", "fp32"]:

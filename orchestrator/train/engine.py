@@ -48,7 +48,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
         "gradient_accumulation_steps": cfg.accumulation_chunks(world_size),
-        "train_batch_size": cfg.global_batch_size,
+        "train_batch_size": cfg.worker_batch_size(world_size) * world_size,
         "gradient_clipping": cfg.optim.grad_clip_norm or 0.0,
         "zero_optimization": zero,
         # bf16 runs as torch.autocast over fp32 weights (DeepSpeed's torch_autocast), not as DeepSpeed's

@@ -116,3 +116,18 @@ def test_two_workers_by_two_chunks_train_exactly_as_four_by_one(tmp_path):
     # float round-off only: far below how much the gradient moves for a different batch
     worst = max(float((two["grads"][k] - four["grads"][k]).norm() / reference[k].norm()) for k in reference)
     assert worst < 1e-4
+
+
+def test_a_fixed_count_without_a_global_batch_scales_its_batch_with_the_workers():
+    """An engine built for another count than the config's (``--resume`` on a resized cluster, or a test):
+    the per-worker plan stays, as before elastic training existed."""
+    from orchestrator.train.engine import deepspeed_config
+
+    cfg = RunConfig.from_dict({"scaling": {"num_workers": 2}, "deepspeed": {"micro_batch_size": 4, "grad_accum_steps": 3},
+                               "schedule": {"warmup_steps": 10}})
+    for world_size in (1, 2, 3):
+        ds = deepspeed_config(cfg, world_size)
+        assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 12 * world_size)
+    elastic = _config()  # global batch 16 fixed: the chunks follow the count
+    assert [(deepspeed_config(elastic, n)["gradient_accumulation_steps"], deepspeed_config(elastic, n)["train_batch_size"])
+            for n in (1, 2, 4)] == [(4, 16), (2, 16), (1, 16)]

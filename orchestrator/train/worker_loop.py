@@ -93,7 +93,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with without_printed_lines("DeepSpeed deepspeed.ops.comm."):  # DeepSpeed prints that its CPU op loaded
         deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
     checkpoint = ray.train.get_checkpoint()
-    resized = checkpoint is not None and checkpoints.saved_state(checkpoint).world_size != world_size
+    saved_world_size = checkpoints.saved_state(checkpoint).world_size if checkpoint is not None else world_size
+    resized = saved_world_size != world_size
     engine = build_engine(cfg, build_model(cfg), world_size, load_universal=resized)
     if rank == 0:
         chunks = cfg.accumulation_chunks(world_size)
@@ -105,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     worker = Worker(cfg, rank, world_size, engine, state, evaluation=InLoopEvaluation(cfg))
     worker.tracker = _start_tracking(worker)
     if resized:
-        worker.resize = _note_resize(worker, checkpoints.saved_state(checkpoint).world_size)
+        worker.resize = _note_resize(worker, saved_world_size)
     try:
         _train(worker)
         _finish(worker)

@@ -20,7 +20,7 @@ import yaml
 from orchestrator.config import RunConfig, set_dotted
 from orchestrator.logs import get_logger
 from orchestrator.tune.search import Search
-from orchestrator.tune.space import flat_params
+from orchestrator.tune.space import flat_params, short_value
 
 logger = get_logger("tune")
 
@@ -100,14 +100,11 @@ def format_table(summary: SearchSummary, metric: str, time_attr: str) -> str:
     paths = sorted({path for trial in summary.trials for path in trial.params})
     rows = [("trial", *paths, "outcome", time_attr, metric)]
     for trial in summary.trials:
-        rows.append((trial.name, *(_short(trial.params.get(path)) for path in paths), trial.outcome,
+        rows.append((trial.name, *(short_value(trial.params.get(path)) for path in paths), trial.outcome,
                      f"{trial.reached:g}", "-" if trial.metric is None else f"{trial.metric:.4f}"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _log_to_parent(search: Search, summary: SearchSummary) -> None:

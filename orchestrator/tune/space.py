@@ -47,3 +47,8 @@ def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def short_value(value: Any) -> str:
+    """A sampled value as people read it in a line or a table: floats to 3 significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

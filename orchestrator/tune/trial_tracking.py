@@ -13,7 +13,7 @@ import os
 from ray.tune import Callback
 
 from orchestrator.logs import get_logger
-from orchestrator.tune.space import flat_params
+from orchestrator.tune.space import flat_params, short_value
 from orchestrator.tune.trial import TRIAL_TAG
 
 logger = get_logger("tune")
@@ -41,7 +41,7 @@ class TrialTracking(Callback):
         return f"{self.search_name}-{trial.trial_id}"
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        params = ", ".join(f"{path}={_short(value)}" for path, value in flat_params(trial.config).items())
+        params = ", ".join(f"{path}={short_value(value)}" for path, value in flat_params(trial.config).items())
         logger.info("trial %s started: %s", self._name(trial), params)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -90,7 +90,3 @@ def _error_text(trial) -> str:
             return handle.read()
     error = trial.get_error()
     return str(error) if error is not None else ""
-
-
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -144,7 +144,7 @@ def run_evaluation(options: EvaluationOptions, cfg: RunConfig, loaded: LoadedMod
     results = []
     for opened in sets:
         started = time.monotonic()
-        scale = float(loaded.model.logit_scale.exp().clamp(max=loaded.model.spec.max_logit_scale).reshape(()))
+        scale = float(loaded.model.logit_scale.detach().exp().clamp(max=loaded.model.spec.max_logit_scale).reshape(()))
         result = run_task(source, opened, logit_scale=scale, batch_size=options.batch_size, seed=options.seed)
         result.details["seconds"] = round(time.monotonic() - started, 2)
         results.append(result)

@@ -16,32 +16,37 @@ import torch.distributed as dist
 
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        world_size = dist.get_world_size()
-        ctx.rank = dist.get_rank()
-        ctx.rows = tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(world_size)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=0)  # (world_size * N_local, ...)
+    def forward(ctx, tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        rank = dist.get_rank()
+        ctx.start, ctx.rows = sum(rows[:rank]), rows[rank]
+        longest = max(rows)  # all_gather moves equal shapes: shorter parts travel padded, then are cut back
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in rows]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, rows)], dim=0)  # (sum(rows), ...)
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad_output: torch.Tensor):
         grad = grad_output.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = ctx.rank * ctx.rows
-        return grad[start : start + ctx.rows]
+        return grad[ctx.start : ctx.start + ctx.rows], None
 
 
 def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate every rank's ``(N_local, ...)`` tensor along dim 0, differentiably.
+    """Concatenate every rank's ``(N_local, ...)`` tensor along dim 0 in rank order, differentiably.
 
     Returns ``(global_tensor, offset)`` where ``offset`` is the row of this rank's first element in the
-    global tensor. Every rank must pass the same ``N_local``. Without an initialised process group (or
-    with one rank) the tensor is returned as is.
+    global tensor. Ranks may pass different ``N_local`` (a global batch that does not divide by the
+    worker count); the counts are exchanged first. Without an initialised process group (or with one
+    rank) the tensor is returned as is.
     """
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor, 0
-    return _AllGatherWithGrad.apply(tensor), dist.get_rank() * tensor.shape[0]
+    counts = [tensor.new_zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, tensor.new_tensor([tensor.shape[0]], dtype=torch.long))
+    rows = [int(count) for count in counts]
+    return _AllGatherWithGrad.apply(tensor.contiguous(), rows), sum(rows[: dist.get_rank()])
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,10 @@ if [ "$#" -gt 0 ]; then
     exec python3 -m pytest -q -p no:cacheprovider "$@"
 fi
 # The scenarios that build Ray clusters of their own (a killed worker node, an elastic run that loses and
-# regains a node) run alone, after the suite's shared local Ray has
+# regains a node, a head whose autoscaler adds and removes nodes) run alone, after the suite's shared local Ray has
 # shut down, so that on 2 cores two clusters never compete for the cores.
 fault_tolerance=tests/integration/test_fault_tolerance_node.py
-own_clusters=(tests/integration/test_elastic_node.py)
+own_clusters=(tests/integration/test_elastic_node.py tests/integration/test_autoscaling_job.py)
 python3 -m pytest -q -p no:cacheprovider --durations=12 tests/unit tests/integration \
     --deselect "$fault_tolerance::test_killed_worker_node_is_survived" $(printf -- '--ignore=%s ' "${own_clusters[@]}")
 python3 -m pytest -q -p no:cacheprovider "$fault_tolerance" "${own_clusters[@]}"

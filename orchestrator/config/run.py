@@ -94,17 +94,44 @@ class RunConfig(ConfigSection):
         return _global_batch(self.deepspeed, self.scaling)
 
     def accumulation_chunks(self, world_size: int) -> int:
-        """Chunks per step on ``world_size`` workers: those that keep the global batch when it is fixed (an
-        elastic range, or ``deepspeed.global_batch_size``; checked for every count), else ``grad_accum_steps``
-        (a fixed worker count's batch grows with the workers, e.g. ``--resume`` on another count)."""
-        deepspeed = self.deepspeed
-        if deepspeed.global_batch_size is None and not self.scaling.elastic:
-            return deepspeed.grad_accum_steps
-        return self.global_batch_size // (world_size * deepspeed.micro_batch_size)
+        """Chunks per step on ``world_size`` workers (the same on every rank, as DeepSpeed counts backward calls).
 
-    def worker_batch_size(self, world_size: int) -> int:
-        """Samples one of ``world_size`` workers trains on per step."""
-        return self.accumulation_chunks(world_size) * self.deepspeed.micro_batch_size
+        With a fixed global batch (an elastic range, or ``deepspeed.global_batch_size``; checked for every
+        count) enough chunks of at most ``micro_batch_size`` for the largest worker's share, else
+        ``grad_accum_steps`` (a fixed worker count's batch grows with the workers, e.g. ``--resume`` on another
+        count)."""
+        deepspeed = self.deepspeed
+        if not self._fixed_global_batch:
+            return deepspeed.grad_accum_steps
+        return _ceil_div(max(self.worker_batch_sizes(world_size)), deepspeed.micro_batch_size)
+
+    def worker_batch_sizes(self, world_size: int) -> list[int]:
+        """Samples each of ``world_size`` workers trains on per step, by rank.
+
+        A fixed global batch is split as evenly as it goes: ranks below ``global % world_size`` take one
+        sample more (the loss weights each rank by its share, so the step is still the global-batch one).
+        """
+        if not self._fixed_global_batch:
+            return [self.deepspeed.grad_accum_steps * self.deepspeed.micro_batch_size] * world_size
+        base, extra = divmod(self.global_batch_size, world_size)
+        return [base + (rank < extra) for rank in range(world_size)]
+
+    def worker_batch_size(self, world_size: int, rank: int) -> int:
+        """Samples worker ``rank`` of ``world_size`` trains on per step."""
+        return self.worker_batch_sizes(world_size)[rank]
+
+    def describe_batch_plan(self, world_size: int) -> str:
+        """The step's split for a log line: ``3 x 8 x 2 chunks`` (whole micro-batches) or else the shares,
+        ``129 x 254-255 samples in 2 chunk(s)``."""
+        sizes, chunks = self.worker_batch_sizes(world_size), self.accumulation_chunks(world_size)
+        if sizes == [chunks * self.deepspeed.micro_batch_size] * world_size:
+            return f"{world_size} x {self.deepspeed.micro_batch_size}" + (f" x {chunks} chunks" if chunks > 1 else "")
+        share = f"{min(sizes)}-{max(sizes)}" if min(sizes) != max(sizes) else f"{sizes[0]}"
+        return f"{world_size} x {share} samples in {chunks} chunk(s)"
+
+    @property
+    def _fixed_global_batch(self) -> bool:
+        return self.deepspeed.global_batch_size is not None or self.scaling.elastic
 
     @property
     def precision(self) -> Literal["bf16", "fp32"]:
@@ -156,14 +183,14 @@ def _data_shape(model: ModelConfig, deepspeed: DeepSpeedConfig, scaling: Scaling
         "image_size": (spec.vision.image_size, "the model's input size (model.name / model.image_size)"),
         "context_length": (spec.text.context_length, "the model's text context (model.context_length)"),
         "batch_size": (
-            _global_batch(deepspeed, scaling) // scaling.max_workers,
-            "the global batch / the (largest) worker count (samples per worker per step)",
+            max(1, _global_batch(deepspeed, scaling) // scaling.max_workers),
+            "the global batch / the (largest) worker count, rounded down (samples per worker per step)",
         ),
     }
 
 
 def _batch_plan_problems(cfg: RunConfig) -> list[str]:
-    """The global batch must split into whole chunks of micro-batches at every worker count the run may have."""
+    """At every worker count the run may have, every worker's share of the global batch must fill the step's chunks."""
     deepspeed, scaling, total = cfg.deepspeed, cfg.scaling, cfg.global_batch_size
     if deepspeed.global_batch_size is None:
         if not scaling.elastic:
@@ -172,18 +199,25 @@ def _batch_plan_problems(cfg: RunConfig) -> list[str]:
                   f"{deepspeed.grad_accum_steps} x {scaling.max_workers} workers)")
     else:
         source = f"deepspeed.global_batch_size={total}"
-        implied = total // (scaling.max_workers * deepspeed.micro_batch_size)
+        implied = _ceil_div(_ceil_div(total, scaling.max_workers), deepspeed.micro_batch_size)
         if deepspeed.grad_accum_steps not in (1, implied):
             return [f"deepspeed.grad_accum_steps={deepspeed.grad_accum_steps} disagrees with {source}: the chunks "
                     f"follow from it ({implied} at {scaling.max_workers} workers); allowed: 1 (unset) or {implied}"]
-    failing = [n for n in scaling.worker_counts if total % (n * deepspeed.micro_batch_size)]
+    failing = [n for n in scaling.worker_counts if total // n < _ceil_div(_ceil_div(total, n), deepspeed.micro_batch_size)]
     if not failing:
         return []
-    fitting = math.lcm(*(n * deepspeed.micro_batch_size for n in scaling.worker_counts))
-    return [f"{source} cannot be split over scaling.num_workers={_plain(scaling.num_workers)}: not a whole number "
-            f"of {deepspeed.micro_batch_size}-sample micro-batches per worker with {failing} workers; allowed: a "
-            f"global batch that is a multiple of {fitting} (deepspeed.global_batch_size), or another worker range "
-            "or micro_batch_size"]
+    if deepspeed.micro_batch_size == 1:  # one-sample chunks: a worker one sample short runs out of chunks
+        allowed = (f"micro_batch_size 2 or more, or a global batch that every count divides (a multiple of "
+                   f"{math.lcm(*scaling.worker_counts)})")
+    else:
+        allowed = f"a global batch of at least {scaling.max_workers}, or a smaller worker range"
+    return [f"{source} cannot be split over scaling.num_workers={_plain(scaling.num_workers)}: with {failing} workers "
+            "some worker would hold fewer samples than the step's chunks (every worker runs as many as the largest "
+            f"share needs); allowed: {allowed}"]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _plain(value) -> str:

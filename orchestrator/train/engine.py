@@ -48,7 +48,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
         "gradient_accumulation_steps": cfg.accumulation_chunks(world_size),
-        "train_batch_size": cfg.worker_batch_size(world_size) * world_size,
+        # DeepSpeed checks train = micro x accumulation x workers; the real global batch may be a little less
+        # (uneven shares, see RunConfig.worker_batch_sizes), which DeepSpeed only uses for its own counters.
+        "train_batch_size": ds.micro_batch_size * cfg.accumulation_chunks(world_size) * world_size,
         "gradient_clipping": cfg.optim.grad_clip_norm or 0.0,
         "zero_optimization": zero,
         # bf16 runs as torch.autocast over fp32 weights (DeepSpeed's torch_autocast), not as DeepSpeed's

@@ -13,6 +13,11 @@ This is the loss "against the cached features of the others" with each chunk's s
 evaluated once instead of once per chunk; the summed parameter gradient equals the large-batch one.
 Nothing here knows about DeepSpeed: ``backward`` is passed in (``engine.backward`` in training, plain
 autograd in the tests).
+
+Ranks may hold different numbers of rows (a global batch that does not divide by the worker count).
+Data parallelism averages the ranks' gradients, which is the global mean only if each rank's loss counts
+its rows: ``loss_weight`` = world size x local rows / global rows scales this rank's mean (exactly 1 when
+the rows are equal), so the average over ranks is the mean over every row of the global batch.
 """
 
 from __future__ import annotations
@@ -56,10 +61,11 @@ def single_chunk_step(
     gather: Gather,
     backward: Backward,
     all_reduce: Callable[[torch.Tensor], torch.Tensor],
+    loss_weight: float = 1.0,
 ) -> StepResult:
     """Forward, gathered loss, backward: the plain step when the local batch fits in one chunk."""
     image_features, text_features, logit_scale = _features(model, images, tokens)
-    loss = ClipLoss(gather)(image_features, text_features, logit_scale)
+    loss = ClipLoss(gather)(image_features, text_features, logit_scale) * loss_weight
     if not _all_finite(loss, all_reduce):
         return StepResult(loss.detach(), False)
     backward(loss)
@@ -75,18 +81,22 @@ def accumulated_step(
     gather: Gather,
     backward: Backward,
     all_reduce: Callable[[torch.Tensor], torch.Tensor],
+    loss_weight: float = 1.0,
 ) -> StepResult:
     """The exact large-batch gradient from ``chunks`` forward/backward passes (see module docstring).
 
-    ``backward`` is called once per chunk; the caller steps the optimizer after the last one.
+    ``backward`` is called exactly ``chunks`` times (every rank the same, as DeepSpeed counts them, whatever
+    its rows); the caller steps the optimizer after the last one.
     """
-    image_chunks, token_chunks = images.chunk(chunks), tokens.chunk(chunks)
+    if images.shape[0] < chunks:
+        raise ValueError(f"{images.shape[0]} rows cannot fill {chunks} chunks")
+    image_chunks, token_chunks = images.tensor_split(chunks), tokens.tensor_split(chunks)
     with torch.no_grad():
         cached = [_features(model, i, t) for i, t in zip(image_chunks, token_chunks)]
     image_features = torch.cat([c[0] for c in cached]).requires_grad_()  # (N_local, E)
     text_features = torch.cat([c[1] for c in cached]).requires_grad_()  # (N_local, E)
     logit_scale = cached[0][2].detach().requires_grad_()
-    loss = ClipLoss(gather)(image_features, text_features, logit_scale)
+    loss = ClipLoss(gather)(image_features, text_features, logit_scale) * loss_weight
     if not _all_finite(loss, all_reduce):
         return StepResult(loss.detach(), False)
     image_grad, text_grad, scale_grad = torch.autograd.grad(loss, [image_features, text_features, logit_scale])

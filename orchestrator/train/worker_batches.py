@@ -2,8 +2,8 @@
 
 Shards are the stream's resume unit, so shards that were partly consumed at the checkpoint are streamed
 again; the checkpoint's :class:`~orchestrator.data.DataPosition` holds the samples already trained on from
-them, and they are filtered out here. Batches are re-cut to the exact per-worker size, which the
-cross-rank feature gather needs; when one rank's split runs dry, all ranks stop together.
+them, and they are filtered out here. Batches are re-cut to this worker's exact share of the global
+batch (ranks may differ by one sample when the global batch does not divide by the worker count); when one rank's split runs dry, all ranks stop together.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ class TrainBatches:
 
         self.cfg, self.device, self.dtype = cfg, device, dtype
         context = ray.train.get_context()
-        self.batch_size = cfg.worker_batch_size(context.get_world_size())  # the global batch at any worker count
-        self.monitor_name = current_monitor(cfg)
         self.rank = context.get_world_rank()
+        self.batch_size = cfg.worker_batch_size(context.get_world_size(), self.rank)  # the global batch at any count
+        self.monitor_name = current_monitor(cfg)
         self.shard = ray.train.get_dataset_shard("train")
         self.shard_names = stream_visit_names(self.monitor_name)  # visit index -> position key
         self.saved = position  # the last position this run saved (or resumed from)

@@ -76,6 +76,11 @@ class Worker:
         return torch.float32
 
     @property
+    def step_batch(self) -> int:
+        """Samples per step over all ranks: the config's global batch, unless a fixed count was resized."""
+        return sum(self.cfg.worker_batch_sizes(self.world_size))
+
+    @property
     def stop_step(self) -> int:
         return self.cfg.schedule.stop_after_steps or self.cfg.schedule.total_steps
 
@@ -97,11 +102,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resized = saved_world_size != world_size
     engine = build_engine(cfg, build_model(cfg), world_size, load_universal=resized)
     if rank == 0:
-        chunks = cfg.accumulation_chunks(world_size)
-        plan = f"{world_size} x {cfg.deepspeed.micro_batch_size}" + (f" x {chunks} chunks" if chunks > 1 else "")
         elastic = f" of {cfg.scaling.min_workers}-{cfg.scaling.max_workers}" if cfg.scaling.elastic else ""
         logger.info("%d workers%s: DeepSpeed ZeRO-%d engine built (%s, global batch %d = %s)", world_size, elastic,
-                    cfg.deepspeed.zero_stage, cfg.precision, cfg.global_batch_size, plan)
+                    cfg.deepspeed.zero_stage, cfg.precision, cfg.global_batch_size, cfg.describe_batch_plan(world_size))
     state = _restore_or_start(cfg, engine, checkpoint, rank, context.get_local_rank(), world_size)
     worker = Worker(cfg, rank, world_size, engine, state, evaluation=InLoopEvaluation(cfg))
     worker.tracker = _start_tracking(worker)
@@ -162,9 +165,8 @@ def _note_resize(worker: Worker, from_workers: int) -> Resize:
         if last is not None:
             resize.last_step, resize.last_step_time = last
         logger.info("resized from %d to %d workers: resuming the step-%d checkpoint with the same global batch %d "
-                    "(%d chunk(s) of %d a worker)%s", from_workers, worker.world_size, resize.checkpoint_step,
-                    worker.cfg.global_batch_size, worker.cfg.accumulation_chunks(worker.world_size),
-                    worker.cfg.deepspeed.micro_batch_size,
+                    "(%s)%s", from_workers, worker.world_size, resize.checkpoint_step,
+                    worker.cfg.global_batch_size, worker.cfg.describe_batch_plan(worker.world_size),
                     f"; steps {resize.checkpoint_step + 1}-{resize.last_step} are trained again"
                     if resize.last_step and resize.last_step > resize.checkpoint_step else "")
     return resize
@@ -186,7 +188,7 @@ def _log_resize_cost(worker: Worker) -> None:
 def _train(worker: Worker) -> None:
     cfg, state = worker.cfg, worker.state
     batches = TrainBatches(cfg, worker.engine.device, worker.dtype, state.data_position)
-    global_batch = cfg.global_batch_size
+    global_batch = worker.step_batch
     window_start, window_samples = time.perf_counter(), 0
     for images, tokens in batches:
         if state.step >= worker.stop_step:
@@ -227,8 +229,10 @@ def optimizer_step(worker: Worker, images: torch.Tensor, tokens: torch.Tensor) -
         engine.backward(loss, scale_wrt_gas=False)  # chunk gradients are exact parts of the sum
         engine.step()  # DeepSpeed applies the optimizer on the last chunk only
 
-    common = dict(gather=gather_with_grad, backward=backward, all_reduce=all_reduce_sum)
-    chunks = worker.cfg.accumulation_chunks(worker.world_size)
+    cfg, world_size = worker.cfg, worker.world_size
+    share = world_size * cfg.worker_batch_size(world_size, worker.rank) / worker.step_batch  # 1 when ranks are even
+    common = dict(gather=gather_with_grad, backward=backward, all_reduce=all_reduce_sum, loss_weight=share)
+    chunks = cfg.accumulation_chunks(world_size)
     if chunks == 1:
         result = single_chunk_step(engine, images, tokens, **common)
     else:
@@ -272,7 +276,7 @@ def _log_step(worker: Worker, result: StepResult, samples_per_s: float, batches:
     }
     worker.last_metrics.update(metrics)
     if worker.is_chief:
-        remaining_s = (worker.stop_step - worker.state.step) * worker.cfg.global_batch_size / max(samples_per_s, 1e-9)
+        remaining_s = (worker.stop_step - worker.state.step) * worker.step_batch / max(samples_per_s, 1e-9)
         progress = f"step {worker.state.step}/{worker.cfg.schedule.total_steps} loss {loss:.4f} lr {metrics['train/lr']:.2e}"
         if worker.state.step == 1:  # its time includes the stream's start-up: no rate to extrapolate yet
             logger.info("%s (rate and ETA from the next logged step)", progress)

@@ -2,12 +2,13 @@
 
 The scenario runs in a subprocess with its own cluster (a head for the data stream and the controller,
 three 1-CPU nodes that alone offer the ``trainer`` resource), so it never competes with the suite's shared
-Ray. The run has ``scaling.num_workers: [1, 3]`` and a global batch of 48 (3 x 16, 2 x 24 or 1 x 48 a step:
-micro-batches of 8 in 2, 3 or 6 chunks). Once the step-4 checkpoint is in storage one training node is
+Ray. The run has ``scaling.num_workers: [1, 3]`` and a global batch of 40 with micro-batches of 8: 3 workers
+hold 14, 13 and 13 samples in 2 chunks (an uneven share, the loss weighted by rows), 2 workers 20 each in 3
+chunks, 1 worker 40 in 5. Once the step-4 checkpoint is in storage one training node is
 removed: Ray Train restarts the group on the 2 nodes left, from that checkpoint. Once a checkpoint written
 by 2 workers is in storage a node is added back: within ``scaling.resize_check_s`` Ray Train grows the
 group to 3 again, from the latest checkpoint. The run must end at its last step with every step's learning
-rate on the schedule, the global batch unchanged (samples seen = steps x 48), the loss continuous across
+rate on the schedule, the global batch unchanged (samples seen = steps x 40), the loss continuous across
 both resizes, and no sample trained on twice.
 """
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOTAL_STEPS = 80
-GLOBAL_BATCH = 48
+GLOBAL_BATCH = 40
 
 
 def _latest_world_size(run_dir: Path) -> int | None:
@@ -132,7 +133,7 @@ def test_a_lost_node_shrinks_the_run_and_a_returning_node_grows_it(tiny_run_conf
     assert outcome["events"] == ["node removed after the step-4 checkpoint", "node added after a 2-worker checkpoint"]
     assert outcome["step"] == TOTAL_STEPS
 
-    # 3 workers, then 2, then 3 again, in time order; 2, 3 and 2 chunks of 8 make the same 48 a step
+    # 3 workers, then 2, then 3 again, in time order; 2, 3 and 2 chunks of up to 8 make the same 40 a step
     sizes = [int(value) for _, _, value in sorted(outcome["scaling/workers"], key=lambda m: m[1])]
     phases = [size for index, size in enumerate(sizes) if index == 0 or size != sizes[index - 1]]
     assert phases == [3, 2, 3], sizes
@@ -140,6 +141,7 @@ def test_a_lost_node_shrinks_the_run_and_a_returning_node_grows_it(tiny_run_conf
     chunks = {workers_at[(step, timestamp)]: int(value) for step, timestamp, value in outcome["scaling/accumulation_chunks"]}
     assert chunks == {3: 2, 2: 3}
     assert "resized from 3 to 2 workers" in log and "resized from 2 to 3 workers" in log
+    assert "global batch 40 = 3 x 13-14 samples in 2 chunk(s)" in log and "global batch 40 = 2 x 20 samples in 3 chunk(s)" in log
     assert len(outcome["scaling/resize_seconds_lost"]) == 2
     assert all(0 < lost < 600 for _, _, lost in outcome["scaling/resize_seconds_lost"])
 

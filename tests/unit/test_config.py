@@ -32,7 +32,8 @@ def test_default_config_is_the_laptop_run():
 
 @pytest.mark.parametrize(
     "name, model, tower_betas_eps",
-    [("vit_l14.yaml", "ViT-L/14", ((0.9, 0.98), 1e-6)), ("rn50x64.yaml", "RN50x64", ((0.9, 0.999), 1e-8))],
+    [("vit_l14.yaml", "ViT-L/14", ((0.9, 0.98), 1e-6)), ("rn50x64.yaml", "RN50x64", ((0.9, 0.999), 1e-8)),
+     ("vit_l14_spot.yaml", "ViT-L/14", ((0.9, 0.98), 1e-6))],
 )
 def test_paper_recipes_keep_the_paper_hyperparameters(name, model, tower_betas_eps):
     cfg = load_config(CONFIGS / name)

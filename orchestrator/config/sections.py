@@ -101,8 +101,9 @@ class DeepSpeedConfig(ConfigSection):
     """Chunks per optimizer step. Every chunk's loss still sees all negatives of the whole global batch."""
     global_batch_size: int | None = Field(default=None, gt=0)
     """Samples per optimizer step over all workers; null: micro_batch_size x grad_accum_steps x the (largest)
-    worker count. When set, the chunks follow from it at every worker count: global batch / (workers x
-    micro-batch), so an elastic run that shrinks or grows keeps the same optimisation."""
+    worker count. When set, it is kept at every worker count: each worker's share (ranks differ by at most one
+    sample) in as many chunks of at most micro_batch_size as the largest share needs, so an elastic run that
+    shrinks or grows keeps the same optimisation."""
     offload_optimizer: bool = False
     """ZeRO 1-3: keep optimizer states in CPU memory (slower steps, less device memory)."""
 
@@ -120,6 +121,10 @@ class ScalingSection(ConfigSection):
     """CPUs reserved per training worker (data loading runs in separate Ray Data tasks)."""
     accelerator_type: str | None = None
     """Pin workers to a GPU type known to Ray (e.g. "H100"); null takes any."""
+    gpu_type: Literal["a100-40gb", "a100-80gb", "h100", "h200"] | None = None
+    """The GPU the workers will have, for the memory check before launch (``jobs/plan.py``'s arithmetic: a batch
+    plan that cannot fit is refused naming the term, before any cluster time); places nothing. Null: checked
+    only when ``accelerator_type`` names a GPU the planner knows."""
     extra_resources: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources each worker also needs, to place workers on labelled nodes (e.g. {"spot": 1})."""
 

@@ -18,6 +18,7 @@ from orchestrator.config import ConfigError, RunConfig, in_ray_job_copy
 from orchestrator.data import resolve_source
 from orchestrator.eval import open_set
 from orchestrator.logs import get_logger
+from orchestrator.plan import memory_problems
 from orchestrator.ray_start import start_ray
 from orchestrator.storage import StorageError
 from orchestrator.runs import EXPORT_FILE
@@ -113,8 +114,14 @@ def check_inputs(cfg: RunConfig) -> None:
     """Fail before any Ray time if the shards or an evaluation set (its layout, class names, splits) cannot be used.
 
     Raises :class:`ConfigError` naming the field; under ``ray job submit --working-dir`` a local path
-    that resolved into Ray's temporary copy of the directory (where ``data/`` is not shipped) says so.
+    that resolved into Ray's temporary copy of the directory (where ``data/`` is not shipped) says so. First,
+    without any I/O: a GPU run whose batch plan cannot fit its GPU (``scaling.gpu_type``) is refused naming
+    the term that does not fit (``orchestrator.plan``, the arithmetic of ``jobs/plan.py``).
     """
+    too_big = memory_problems(cfg, None)
+    if too_big:
+        raise ConfigError(f"the batch plan does not fit scaling.gpu_type: {'; '.join(too_big)} "
+                          f"(see python jobs/plan.py --config <this config>)")
     checks = [(f"data.sources[{i}].shards" if cfg.data.sources else "data.shards", source.shards,
                lambda source=source: resolve_source(source, cfg.data.s3_endpoint_url))
               for i, source in enumerate(cfg.data.source_list())]

@@ -1,0 +1,252 @@
+"""The run planner's arithmetic: how each memory term scales, what the search returns, and the job's flags.
+
+Activation bytes are checked against what autograd really saves for rayclip's modules; the H100 peaks
+measured by ``benchmarks/gpu_step.py`` are checked against the prediction for the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from jobs.plan import main as plan_main
+from models import CLIP, get_model_spec
+from orchestrator.config import RunConfig
+from orchestrator.plan import (
+    GPU_TYPES,
+    GIB,
+    StepShape,
+    choose_micro_batch,
+    estimate_memory,
+    get_gpu_type,
+    largest_micro_batch,
+    measured_mfu,
+    memory_problems,
+    parameter_counts,
+)
+from orchestrator.plan.activations import Widths, image_tower, text_tower
+from orchestrator.plan.timing import MEASUREMENTS
+
+
+def _shape(name: str = "ViT-L/14", **changes) -> StepShape:
+    shape = StepShape(spec=get_model_spec(name), world_size=8, zero_stage=1, precision="autocast", micro_batch=64,
+                      worker_batch=64, global_batch=512, grad_checkpointing=False)
+    return dataclasses.replace(shape, **changes)
+
+
+def _terms(**changes) -> dict[str, int]:
+    return estimate_memory(_shape(**changes)).terms
+
+
+@pytest.mark.parametrize("stage, sharded, whole", [
+    (1, ["optimizer state"], ["parameters"]),
+    (2, ["gradients", "optimizer state"], ["parameters"]),
+    (3, ["parameters", "gradients", "optimizer state"], []),
+])
+def test_zero_stages_shard_what_they_must(stage, sharded, whole):
+    four, eight = _terms(zero_stage=stage, world_size=4), _terms(zero_stage=stage, world_size=8)
+    for term in sharded:
+        assert eight[term] == pytest.approx(four[term] / 2, rel=1e-6), term
+    for term in whole:
+        assert eight[term] == four[term], term
+
+
+def test_zero_1_keeps_full_gradients_and_zero_0_full_optimizer_state():
+    p = parameter_counts(get_model_spec("ViT-L/14")).total
+    zero0, zero1 = _terms(zero_stage=0), _terms(zero_stage=1)
+    assert zero0["optimizer state"] == 8 * p  # Adam moments; fp32 weights need no master copy
+    assert zero1["gradients"] == 4 * p + 4 * p // 8  # full fp32 gradients + the rank's fp32 partition
+    assert zero1["optimizer state"] == 12 * p // 8  # master copy + moments, sharded
+
+
+def test_checkpointing_lowers_activations_of_both_towers():
+    for name in ("ViT-L/14", "RN50x64"):
+        off, on = _terms(name=name), _terms(name=name, grad_checkpointing=True)
+        for tower in ("activations: image tower", "activations: text tower"):
+            assert on[tower] < off[tower] / 2, (name, tower)  # RN50x64 keeps its 448-px stem: not checkpointed
+
+
+def test_logits_are_both_directions_of_local_by_global_with_gradients():
+    terms = _terms(worker_batch=96, micro_batch=32, global_batch=768)
+    assert terms["loss logits"] == 2 * 96 * 768 * 4 * 2
+
+
+def test_activations_scale_with_the_micro_batch_and_nothing_else():
+    small, large = _terms(micro_batch=16), _terms(micro_batch=32)
+    assert large["activations: image tower"] == 2 * small["activations: image tower"]
+    assert large["parameters"] == small["parameters"] and large["loss logits"] == small["loss logits"]
+
+
+@pytest.mark.parametrize("name, checkpointing", [("ViT-tiny", False), ("ViT-tiny", True), ("RN-tiny", False),
+                                                  ("RN-tiny", True), ("ViT-B/32", False)])
+def test_activation_bytes_match_what_autograd_saves(name, checkpointing):
+    """fp32 on CPU: the bytes of every distinct storage autograd saves (weights excluded) vs the formula."""
+    spec = get_model_spec(name)
+    torch.manual_seed(0)
+    model = CLIP(spec)
+    model.set_grad_checkpointing(checkpointing, checkpointing)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    rows, size = 2, spec.vision.image_size
+    images = torch.randn(rows, 3, size, size)
+    tokens = torch.randint(300, 5000, (rows, 77))
+    tokens[:, -1] = 49407
+    widths = Widths.of("fp32")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.encode_image(images)
+    predicted = rows * image_tower(spec, checkpointing=checkpointing, widths=widths).kept + images.nbytes
+    assert sum(saved.values()) == pytest.approx(predicted, rel=0.08)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.encode_text(tokens)
+    predicted = rows * text_tower(spec, 77, checkpointing=checkpointing, widths=widths).kept
+    assert sum(saved.values()) == pytest.approx(predicted, rel=0.08)
+
+
+def test_the_largest_micro_batch_fits_and_one_more_does_not():
+    gpu = get_gpu_type("a100-40gb")
+    shape = _shape(world_size=8, worker_batch=4096, global_batch=32768, micro_batch=1)
+    largest = largest_micro_batch(shape, gpu)
+    assert 0 < largest < 4096
+    assert estimate_memory(dataclasses.replace(shape, micro_batch=largest)).total <= gpu.memory_bytes
+    assert estimate_memory(dataclasses.replace(shape, micro_batch=largest + 1)).total > gpu.memory_bytes
+
+
+@pytest.mark.parametrize("row", [json.loads(line) for line in MEASUREMENTS.read_text().splitlines()
+                                 if '"autocast"' in line and '"compile": false' in line])
+def test_the_h100_peaks_measured_by_gpu_step_are_predicted_within_20_percent(row):
+    shape = StepShape(spec=get_model_spec(row["model"]), world_size=1, zero_stage=row["zero_stage"],
+                      precision="autocast", micro_batch=row["batch"], worker_batch=row["batch"],
+                      global_batch=row["batch"], grad_checkpointing=row["grad_checkpointing"], text_tokens=20)
+    assert estimate_memory(shape).allocated / GIB == pytest.approx(row["peak_mem_gib"], rel=0.2)
+
+
+def test_the_default_mfu_is_the_projects_measurement():
+    assert measured_mfu("ViT-L/14", compiled=False).mfu == 0.189
+    assert measured_mfu("ViT-L/14", compiled=True).mfu == 0.3589
+    assert measured_mfu("RN101", compiled=False).mfu == 0.15
+
+
+def _config(**deepspeed) -> RunConfig:
+    return RunConfig.from_dict({"model": {"name": "ViT-L/14", "grad_checkpointing": False},
+                                "scaling": {"num_workers": 64, "use_gpu": True},
+                                "deepspeed": {"precision": "bf16", "zero_stage": 1, **deepspeed},
+                                "schedule": {"warmup_steps": 10}})
+
+
+def test_an_impossible_config_is_refused_naming_the_term():
+    problems = memory_problems(_config(micro_batch_size=512, global_batch_size=32768), "h100")
+    assert len(problems) == 1
+    message = problems[0]
+    assert message.startswith("activations (ViT-L/14 ViT image tower, micro_batch 512, no checkpointing) need ")
+    assert "of the H100 80GB's 80 GiB at 64 workers" in message and "exceeds it by" in message
+    assert "allowed: deepspeed.micro_batch_size <= " in message and "model.grad_checkpointing: true" in message
+    assert memory_problems(_config(micro_batch_size=64, global_batch_size=32768), "h100") == []
+    assert memory_problems(_config(micro_batch_size=512, global_batch_size=32768), None) == []  # no GPU type: unchecked
+
+
+def test_elastic_worker_counts_get_a_micro_batch_that_fits():
+    cfg = _config(micro_batch_size=256, global_batch_size=32768)
+    gpu = get_gpu_type("a100-40gb")
+    for workers in (32, 64):
+        micro, chunks = choose_micro_batch(cfg, workers, "a100-40gb")
+        share = 32768 // workers
+        assert micro * chunks >= share and micro * (chunks - 1) < share
+        shape = dataclasses.replace(_shape(world_size=workers, worker_batch=share, global_batch=32768), micro_batch=micro)
+        assert estimate_memory(shape).total <= gpu.memory_bytes
+    assert choose_micro_batch(cfg, 32, "a100-40gb")[1] > choose_micro_batch(cfg, 64, "a100-40gb")[1]
+
+
+def test_json_holds_the_figures_the_issue_names(capsys):
+    assert plan_main(["--model", "ViT-L/14", "--gpus", "256", "--gpu-type", "h100", "--global-batch", "32768",
+                      "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("per_gpu_memory_gib", "micro_batch", "accumulation_chunks", "step_time_s", "samples_per_s",
+                "scaling_efficiency", "days"):
+        assert key in result, key
+    assert result["per_gpu_memory_gib"]["total"] > result["per_gpu_memory_gib"]["activations: image tower"] > 0
+    assert result["micro_batch"] * result["accumulation_chunks"] >= 128
+    assert set(result["scaling_efficiency"]) == {"8", "64", "256", "1024"}
+
+
+def test_the_written_config_loads_and_matches_the_plan(tmp_path, capsys):
+    out = tmp_path / "run.yaml"
+    assert plan_main(["--config", "configs/vit_l14.yaml", "--gpus", "64", "--gpu-type", "a100-40gb",
+                      "--grad-checkpointing", "off", "--json", "--write-config", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    text = out.read_text()
+    assert "ray_cluster.yaml: GPU worker nodes min_workers/max_workers = 8" in text
+    cfg = RunConfig.from_dict(yaml.safe_load(text))
+    assert cfg.scaling.num_workers == 64 and cfg.global_batch_size == 32768
+    assert cfg.deepspeed.micro_batch_size == result["micro_batch"]
+    assert cfg.accumulation_chunks(64) == result["accumulation_chunks"] > 1
+    assert (cfg.deepspeed.zero_stage, cfg.model.grad_checkpointing, cfg.deepspeed.precision) == (1, False, "bf16")
+    assert cfg.data.shards.startswith("s3://")  # the rest of --config is kept
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--zero-stage", "5"], "error: --zero-stage 5: allowed: 0, 1, 2, 3"),
+    (["--precision", "fp16"], "error: --precision fp16: allowed: autocast, bf16, fp32"),
+    (["--gpu-type", "v100"], "error: --gpu-type v100: allowed: a100-40gb, a100-80gb, h100, h200"),
+    (["--grad-checkpointing", "yes"], "error: --grad-checkpointing yes: allowed: on, off"),
+])
+def test_a_bad_flag_exits_2_naming_it(flags, message, capsys):
+    assert plan_main(["--model", "ViT-L/14", "--gpus", "8", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == message and "Traceback" not in err
+
+
+def test_the_pretraining_job_refuses_a_config_that_cannot_fit_before_ray_starts():
+    """``jobs/pretrain.py`` with the paper's ViT-L/14 at micro-batch 512 without checkpointing: exit 2, one line
+    naming the term and what would fit, no traceback, and no Ray (nothing else could be this fast)."""
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "jobs/pretrain.py", "--config", "configs/vit_l14.yaml",
+                          "--set", "deepspeed.micro_batch_size=512", "--set", "model.grad_checkpointing=false",
+                          "--set", "scaling.num_workers=64"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and "ray" not in run.stdout.lower()
+    assert run.stderr.startswith("error: the batch plan does not fit scaling.gpu_type: activations (ViT-L/14 ViT "
+                                 "image tower, micro_batch 512, no checkpointing) need ")
+    assert "allowed: deepspeed.micro_batch_size <= " in run.stderr and time.monotonic() - started < 60
+
+
+def test_the_gpu_recipes_fit_their_gpu_and_the_config_knows_every_planned_gpu():
+    import typing
+
+    from orchestrator.config.loading import load_config
+    from orchestrator.config.sections import ScalingSection
+
+    assert set(typing.get_args(typing.get_args(ScalingSection.model_fields["gpu_type"].annotation)[0])) == set(GPU_TYPES)
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    for recipe in ("vit_l14.yaml", "vit_l14_spot.yaml", "rn50x64.yaml"):
+        cfg = load_config(configs / recipe)
+        assert cfg.scaling.gpu_type == "h100" and memory_problems(cfg, None) == [], recipe
+
+
+def test_elastic_chunks_are_the_planners_wherever_the_configured_micro_batch_fits():
+    """The worker's chunk count (``RunConfig.accumulation_chunks``) is the planner's ``choose_micro_batch`` at
+    every count of the spot recipe's range, since its 128-sample micro-batch fits an H100 at each."""
+    from orchestrator.config.loading import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "vit_l14_spot.yaml")
+    for workers in (64, 65, 100, 128, 129, 200, 255, 256):
+        micro, chunks = choose_micro_batch(cfg, workers, "h100")
+        assert chunks == cfg.accumulation_chunks(workers), workers
+        assert micro <= cfg.deepspeed.micro_batch_size

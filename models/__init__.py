@@ -1,15 +1,16 @@
 """rayclip's model library: the paper's CLIP architectures, tokenizer, loss and zero-shot evaluation.
 
 Pure single-device PyTorch: nothing here imports ray, deepspeed, mlflow or torch.distributed. Distribution
-is applied from ``orchestrator/`` (e.g. by passing a distributed ``gather`` to :class:`ClipLoss`), which
-imports only what this ``__init__`` exports (a test holds it to that).
+is applied from ``orchestrator/`` (e.g. by passing a distributed ``gather`` to :class:`ClipLoss`, a ring
+exchange of text blocks to :class:`SigLipLoss`), which imports only what this ``__init__`` exports (a test
+holds it to that).
 """
 
 from models.clip import CLIP, to_openai_layout, weight_decay_groups
-from models.loss import ClipLoss, Gather
+from models.loss import ClipLoss, Gather, SigLipLoss, TextBlocks
 from models.openai_checkpoint import load_openai_checkpoint, spec_from_openai_state_dict
 from models.registry import PAPER_MODELS, create_model, get_model_spec, list_models
-from models.spec import ModelSpec, TextSpec, VisionSpec
+from models.spec import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, ModelSpec, TextSpec, VisionSpec, siglip_spec
 from models.tokenizer import get_tokenizer
 from models.transforms import channels_last_batch_to_model, image_transform, normalize_images
 from models.zero_shot import IMAGENET_TEMPLATES, build_zero_shot_classifier, imagenet_classes, retrieval_recall
@@ -23,6 +24,10 @@ __all__ = [
     "TextSpec",
     "VisionSpec",
     "PAPER_MODELS",
+    "SIGLIP_INIT_LOGIT_BIAS",
+    "SIGLIP_INIT_LOGIT_SCALE",
+    "SigLipLoss",
+    "TextBlocks",
     "build_zero_shot_classifier",
     "channels_last_batch_to_model",
     "create_model",
@@ -34,6 +39,7 @@ __all__ = [
     "load_openai_checkpoint",
     "normalize_images",
     "retrieval_recall",
+    "siglip_spec",
     "spec_from_openai_state_dict",
     "to_openai_layout",
     "weight_decay_groups",

@@ -5,6 +5,10 @@ logits from gathered features (see ``models.loss``), which is what sharded train
 and shapes are those of OpenAI's released checkpoints, with one storage difference handled here alone:
 ``logit_scale`` is kept as a 1-element vector (DeepSpeed ZeRO-3 rejects 0-dim parameters) and converted
 to and from OpenAI's 0-dim scalar on load and export.
+
+A model built from a :func:`models.spec.siglip_spec` has one parameter OpenAI's layout lacks, SigLIP's
+``logit_bias`` (stored and exported like ``logit_scale``); ``forward`` then returns it too, so the loss gets
+it from inside the forward, where ZeRO-3 has the parameter gathered.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from torch import nn
 from models.resnet import ModifiedResNet
 from models.spec import ModelSpec
 from models.transformer import Transformer
-from models.vit import VisionTransformer
+from models.vit import VisionTransformer, check_patch_dropout
 
 # Non-tensor entries OpenAI's JIT checkpoints carry beside the weights.
 _OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# 0-dim in exports, 1-element vectors in the model (ZeRO-3 cannot partition 0-dim parameters).
+_SCALAR_KEYS = ("logit_scale", "logit_bias")
 
 
 def build_vision_tower(spec: ModelSpec) -> nn.Module:
@@ -49,8 +55,9 @@ def build_vision_tower(spec: ModelSpec) -> nn.Module:
 
 def to_openai_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict of :class:`CLIP` in OpenAI's released layout: the same names, ``logit_scale`` 0-dim
-    (stored here as a 1-element vector because DeepSpeed ZeRO-3 cannot partition 0-dim parameters)."""
-    return {**state, "logit_scale": state["logit_scale"].reshape(())}
+    (stored here as a 1-element vector because DeepSpeed ZeRO-3 cannot partition 0-dim parameters).
+    A SigLIP model's ``logit_bias`` is the one extra key, 0-dim like the scale (as open_clip stores it)."""
+    return {**state, **{key: state[key].reshape(()) for key in _SCALAR_KEYS if key in state}}
 
 class CLIP(nn.Module):
     def __init__(self, spec: ModelSpec):
@@ -64,7 +71,11 @@ class CLIP(nn.Module):
         self.ln_final = nn.LayerNorm(text.width)
         self.text_projection = nn.Parameter(torch.empty(text.width, spec.embed_dim))
         self.logit_scale = nn.Parameter(torch.full((1,), spec.init_logit_scale))
-        self.register_load_state_dict_pre_hook(_accept_scalar_logit_scale)
+        if spec.init_logit_bias is None:
+            self.register_parameter("logit_bias", None)  # CLIP's softmax loss has no bias; the state dict no key
+        else:
+            self.logit_bias = nn.Parameter(torch.full((1,), spec.init_logit_bias))
+        self.register_load_state_dict_pre_hook(_accept_scalar_logit_parameters)
         self.init_weights()
 
     @property
@@ -89,6 +100,19 @@ class CLIP(nn.Module):
         tower.grad_checkpointing = vision
         self.transformer.grad_checkpointing = text
 
+    def set_patch_dropout(self, fraction: float) -> None:
+        """Drop this share of each image's patch tokens in training mode (FLIP); 0 switches it off.
+
+        Evaluation mode never drops tokens. The training loop calls ``set_patch_dropout(0.0)`` for FLIP's
+        final unmasked steps; only a ViT image tower supports a fraction above 0.
+        """
+        fraction = check_patch_dropout(fraction)
+        if not isinstance(self.visual, VisionTransformer):
+            if fraction > 0.0:
+                raise ValueError(f"patch dropout needs a ViT image tower; {self.spec.name} has a {self.spec.vision.kind}")
+            return
+        self.visual.patch_dropout = fraction
+
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
@@ -108,11 +132,15 @@ class CLIP(nn.Module):
         features = x[torch.arange(x.shape[0], device=x.device), eos] @ self.text_projection  # (B, E)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(normalised image features, normalised text features, exp(logit_scale) clamped at the maximum)."""
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(normalised image features, normalised text features, exp(logit_scale) clamped at the maximum),
+        then, for a SigLIP model only, the logit bias (0-dim): exactly the arguments of the model's loss."""
         image_features = self.encode_image(images, normalize=True)
         text_features = self.encode_text(tokens, normalize=True)
-        return image_features, text_features, self.logit_scale_exp()
+        if self.logit_bias is None:
+            return image_features, text_features, self.logit_scale_exp()
+        # a copy, not a view of the parameter's storage, which ZeRO-3 re-partitions after the forward
+        return image_features, text_features, self.logit_scale_exp(), self.logit_bias.squeeze(0).clone()
 
     def logit_scale_exp(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.spec.max_logit_scale).squeeze(0)
@@ -130,9 +158,13 @@ class CLIP(nn.Module):
         """Load OpenAI-layout weights strictly: every key used, every shape equal.
 
         The JIT checkpoints' metadata entries (resolution, context length, vocab size) are checked
-        against this model's spec and dropped.
+        against this model's spec and dropped. One exception to strictness: a SigLIP model loading weights
+        without ``logit_bias`` (OpenAI's, or a CLIP run's) keeps its initial bias, which is how SigLIP
+        fine-tuning from CLIP weights starts.
         """
         state = dict(state_dict)
+        if self.logit_bias is not None and "logit_bias" not in state:
+            state["logit_bias"] = self.logit_bias.detach().clone()
         expected = {
             "input_resolution": self.spec.vision.image_size,
             "context_length": self.spec.text.context_length,
@@ -145,18 +177,18 @@ class CLIP(nn.Module):
         mismatched = [
             f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
             for key, value in state.items()
-            if key in own and key != "logit_scale" and value.shape != own[key].shape
+            if key in own and key not in _SCALAR_KEYS and value.shape != own[key].shape
         ]
         if mismatched:
             raise ValueError(f"shape mismatch loading into {self.spec.name}: " + "; ".join(mismatched[:10]))
         self.load_state_dict(state, strict=True)
 
 
-def _accept_scalar_logit_scale(module, state_dict, prefix, *args) -> None:
-    """Let OpenAI's 0-dim ``logit_scale`` load into the 1-element parameter (plain ``load_state_dict`` too)."""
-    key = prefix + "logit_scale"
-    if key in state_dict and state_dict[key].ndim == 0:
-        state_dict[key] = state_dict[key].reshape(1)
+def _accept_scalar_logit_parameters(module, state_dict, prefix, *args) -> None:
+    """Let 0-dim ``logit_scale``/``logit_bias`` load into the 1-element parameters (plain ``load_state_dict`` too)."""
+    for key in (prefix + name for name in _SCALAR_KEYS):
+        if key in state_dict and state_dict[key].ndim == 0:
+            state_dict[key] = state_dict[key].reshape(1)
 
 
 # Exempt from weight decay by name, besides every gain and bias (ndim < 2).

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
 
 from models.clip import CLIP
 from models.registry import get_model_spec, list_models
-from models.spec import ModelSpec, TextSpec, VisionSpec
+from models.spec import ModelSpec, TextSpec, VisionSpec, siglip_spec
 
 
 def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -25,7 +26,13 @@ def _count_blocks(state: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 
 def spec_from_openai_state_dict(state: Mapping[str, torch.Tensor]) -> ModelSpec:
-    """The :class:`ModelSpec` whose parameter shapes produce ``state`` (a registered one where it matches)."""
+    """The :class:`ModelSpec` whose parameter shapes produce ``state`` (a registered one where it matches);
+    a ``logit_bias`` entry (a SigLIP-trained export) makes it the :func:`siglip_spec` of that."""
+    spec = _architecture_from_shapes(state)
+    return siglip_spec(spec) if "logit_bias" in state else spec
+
+
+def _architecture_from_shapes(state: Mapping[str, torch.Tensor]) -> ModelSpec:
     embed_dim = state["text_projection"].shape[1]
     text_width = state["ln_final.weight"].shape[0]
     text = TextSpec(
@@ -74,7 +81,9 @@ def load_openai_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor
         state = dict(source)
     else:
         try:
-            state = torch.jit.load(source, map_location="cpu").state_dict()
+            with warnings.catch_warnings():  # OpenAI's releases are TorchScript archives: jit.load is how they open
+                warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated")
+                state = torch.jit.load(source, map_location="cpu").state_dict()
         except RuntimeError:
             state = torch.load(source, map_location="cpu", weights_only=True)
     state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}

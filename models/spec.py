@@ -6,6 +6,7 @@ A spec is saved with every checkpoint (``ModelSpec.to_dict``) so a model can be 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +51,9 @@ class ModelSpec:
     init_logit_scale: float = 2.6592600369453430  # log(1 / 0.07), the paper's initial temperature
     max_logit_scale: float = 100.0
     """exp(logit_scale) is clamped here, as in the paper."""
+    init_logit_bias: float | None = None
+    """SigLIP's learnable logit bias, initialised here (``logit_bias`` parameter); None (CLIP's softmax loss,
+    OpenAI's layout) means the model has no bias. See :func:`siglip_spec`."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,3 +79,19 @@ class ModelSpec:
             raise ValueError(f"{self.name}: a resnet tower needs image_size divisible by 32, got {vision.image_size}")
         if vision.kind == "vit" and (vision.patch_size is None or not isinstance(vision.layers, int)):
             raise ValueError(f"{self.name}: a vit tower needs vision.patch_size and an integer vision.layers")
+
+
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+"""SigLIP's initial log-scale (Zhai et al. 2023): exp(t') = 10, where CLIP starts at 1 / 0.07."""
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+"""SigLIP's initial bias: each image has one positive among N - 1 negatives, so logits that start near -10
+start the loss near its prior instead of spending the first steps pushing every negative down."""
+
+
+def siglip_spec(spec: ModelSpec) -> ModelSpec:
+    """``spec`` for the sigmoid loss: a learnable ``logit_bias`` and the SigLIP paper's initial scale and bias.
+
+    No other weight changes: OpenAI-layout weights load into it (``CLIP.load_openai_state_dict`` keeps the
+    initial bias when they carry none).
+    """
+    return dataclasses.replace(spec, init_logit_scale=SIGLIP_INIT_LOGIT_SCALE, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)

@@ -260,6 +260,9 @@ def _cross_field_problems(cfg: RunConfig) -> list[str]:
     stop = cfg.schedule.stop_after_steps
     if stop is not None and stop > cfg.schedule.total_steps:
         problems.append(f"schedule.stop_after_steps={stop} exceeds schedule.total_steps={cfg.schedule.total_steps}")
+    if cfg.model.patch_dropout_off_last_steps > cfg.schedule.total_steps:
+        problems.append(f"model.patch_dropout_off_last_steps={cfg.model.patch_dropout_off_last_steps} exceeds "
+                        f"schedule.total_steps={cfg.schedule.total_steps}; allowed: 0..total_steps")
     if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
         problems.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage 1, 2 or 3 (got 0)")
     problems += _tune_problems(cfg)

@@ -3,12 +3,16 @@ checkpoint, tracking, eval. Every section forbids unknown keys, and every field 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from models import get_model_spec, list_models
+from models import SIGLIP_INIT_LOGIT_SCALE, get_model_spec, list_models
+
+
+SIGLIP_INIT_TEMPERATURE = round(math.exp(-SIGLIP_INIT_LOGIT_SCALE), 12)  # 0.1
 
 
 class ConfigSection(BaseModel):
@@ -34,6 +38,36 @@ class ModelConfig(ConfigSection):
     (about a minute for ViT-L/14 on an H100; text lengths vary per batch, so one dynamic-shape recompile
     follows). ViT-L/14, bf16 autocast, one H100: 377 samples/s eager at micro-batch 128, 716 compiled at
     micro-batch 256 (``benchmarks/results/gpu_step_h100.jsonl``)."""
+    init_from: str | None = None
+    """Start from these weights instead of a random initialisation: an OpenAI-layout ``.pt`` (OpenAI's released
+    TorchScript file or state dict, or a rayclip export ``openai_model.pt``), or a rayclip run name, run folder
+    or checkpoint folder, local or ``s3://`` (resolved as ``jobs/evaluate.py --model``); its architecture must
+    be ``name``'s. Unlike ``--resume``, the step, the optimizer state and the data position start fresh."""
+    init_towers: list[Literal["image", "text"]] = Field(default_factory=lambda: ["image", "text"], min_length=1)
+    """Which towers ``init_from`` loads; the others keep their random initialisation (LiT: ``[image]``, a
+    pretrained image tower with a text tower trained from scratch). The temperature is loaded with both."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT): no gradient, no optimizer state, bit-identical after training."""
+    lock_image_unlocked_layers: int = Field(default=0, ge=0)
+    """With ``lock_image``: the last N blocks of the image tower (ViT: Transformer blocks; ResNet: stages,
+    counting the attention pool as the last) stay trainable, with the tower's final norm and projection."""
+    lock_text: bool = False
+    """Freeze the text tower: no gradient, no optimizer state, bit-identical after training."""
+    lock_text_unlocked_layers: int = Field(default=0, ge=0)
+    """With ``lock_text``: the last N Transformer blocks of the text tower stay trainable, with ``ln_final``
+    and the text projection."""
+    lock_norm_stats: bool = True
+    """Locked BatchNorm layers (ResNet image towers) keep their running statistics: they normalise as in
+    evaluation. False lets them follow the training batches."""
+    lock_norm_params: bool = False
+    """Also freeze the normalisation layers' own weights inside the unlocked blocks (only the linear and conv
+    weights of those blocks train)."""
+    patch_dropout: float = Field(default=0.0, ge=0, lt=1)
+    """FLIP's patch dropout (ViT image towers): each training image keeps a random (1 - this) share of its
+    patch tokens, the class token always; evaluation and exports see every patch. 0.5 roughly halves the image
+    tower's step cost."""
+    patch_dropout_off_last_steps: int = Field(default=0, ge=0)
+    """Train the last N steps without patch dropout (FLIP's unmasked tuning, which closes most of its gap)."""
 
     @field_validator("name")
     @classmethod
@@ -41,6 +75,29 @@ class ModelConfig(ConfigSection):
         if name not in list_models():
             raise ValueError(f"unknown architecture; allowed: {', '.join(list_models())}")
         return name
+
+    @model_validator(mode="after")
+    def _recipe_fits_the_architecture(self) -> "ModelConfig":
+        spec = self.spec()
+        problems = []
+        if self.patch_dropout > 0 and spec.vision.kind != "vit":
+            problems.append(f"model.patch_dropout={self.patch_dropout} needs a ViT image tower ({self.name} is a ResNet); "
+                            "allowed: 0")
+        image_blocks = spec.vision.layers if spec.vision.kind == "vit" else len(spec.vision.layers) + 1
+        for tower, locked, unlocked, blocks in (("image", self.lock_image, self.lock_image_unlocked_layers, image_blocks),
+                                                ("text", self.lock_text, self.lock_text_unlocked_layers, spec.text.layers)):
+            if unlocked and not locked:
+                problems.append(f"model.lock_{tower}_unlocked_layers={unlocked} needs model.lock_{tower}: true; allowed: 0")
+            elif unlocked > blocks:
+                problems.append(f"model.lock_{tower}_unlocked_layers={unlocked}: {self.name}'s {tower} tower has {blocks} "
+                                f"blocks; allowed: 0..{blocks}")
+        if len(set(self.init_towers)) != len(self.init_towers):
+            problems.append(f"model.init_towers={self.init_towers} repeats a tower; allowed: [image], [text] or [image, text]")
+        if self.init_towers != ["image", "text"] and self.init_from is None:
+            problems.append("model.init_towers is set but model.init_from is not; allowed: set model.init_from, or drop init_towers")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def spec(self):
         """The ``ModelSpec`` this section describes (registry entry plus overrides)."""
@@ -79,14 +136,29 @@ class ScheduleConfig(ConfigSection):
 
 
 class LossConfig(ConfigSection):
+    kind: Literal["clip", "siglip"] = "clip"
+    """clip: the paper's softmax contrastive loss over the global batch. siglip: the sigmoid loss of Zhai et al.
+    2023 (every pair a binary problem, a learnable bias; ranks exchange text features around a ring, so no
+    N_global x N_global matrix exists); its model carries ``logit_bias``, exported with the weights."""
     init_temperature: float = Field(default=0.07, gt=0, lt=1)
-    """Initial softmax temperature; the learnable logit scale starts at log(1/this) (paper: 0.07)."""
+    """Initial temperature; the learnable logit scale starts at log(1/this) (paper: 0.07; with ``kind: siglip``
+    the SigLIP paper's 0.1, a scale of 10, unless set)."""
+    init_bias: float = -10.0
+    """``kind: siglip``: the logit bias's initial value (SigLIP paper: -10, the loss's prior of one positive
+    among many negatives)."""
     learn_temperature: bool = True
     """Train the temperature (paper) or keep it fixed at ``init_temperature``."""
     max_logit_scale: float = Field(default=100.0, gt=1)
     """exp(logit scale) is clamped here, preventing training instability (paper: 100)."""
     max_nonfinite_in_row: int = Field(default=5, ge=1)
     """Steps with a NaN/inf loss are skipped and counted; this many in a row aborts the run."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _siglip_starts_at_its_papers_temperature(cls, data):
+        if isinstance(data, dict) and data.get("kind") == "siglip" and "init_temperature" not in data:
+            return {**data, "init_temperature": SIGLIP_INIT_TEMPERATURE}
+        return data
 
 
 class DeepSpeedConfig(ConfigSection):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from models import CLIP, weight_decay_groups
+from models import CLIP, siglip_spec, weight_decay_groups
 from orchestrator.config import RunConfig
 from orchestrator.train.schedule import build_lr_scheduler
 
@@ -24,9 +24,13 @@ BF16_SAFE_MODULES = ["torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Co
 
 
 def build_model(cfg: RunConfig) -> CLIP:
-    """A freshly initialised CLIP with the run's temperature settings (same weights on every rank)."""
+    """A freshly initialised CLIP with the run's temperature settings (same weights on every rank); with
+    ``loss.kind: siglip`` it carries SigLIP's learnable logit bias."""
+    spec = cfg.model.spec()
+    if cfg.loss.kind == "siglip":
+        spec = dataclasses.replace(siglip_spec(spec), init_logit_bias=cfg.loss.init_bias)
     spec = dataclasses.replace(
-        cfg.model.spec(),
+        spec,
         init_logit_scale=math.log(1.0 / cfg.loss.init_temperature),
         max_logit_scale=cfg.loss.max_logit_scale,
     )

@@ -7,6 +7,7 @@ holds it to that).
 """
 
 from models.clip import CLIP, to_openai_layout, weight_decay_groups
+from models.locking import TOWERS, ParameterCounts, Tower, count_parameters, lock_tower, tower_blocks, tower_of, tower_parameters
 from models.loss import ClipLoss, Gather, SigLipLoss, TextBlocks
 from models.openai_checkpoint import load_openai_checkpoint, spec_from_openai_state_dict
 from models.registry import PAPER_MODELS, create_model, get_model_spec, list_models
@@ -21,26 +22,34 @@ __all__ = [
     "Gather",
     "IMAGENET_TEMPLATES",
     "ModelSpec",
+    "TOWERS",
     "TextSpec",
+    "Tower",
     "VisionSpec",
     "PAPER_MODELS",
+    "ParameterCounts",
     "SIGLIP_INIT_LOGIT_BIAS",
     "SIGLIP_INIT_LOGIT_SCALE",
     "SigLipLoss",
     "TextBlocks",
     "build_zero_shot_classifier",
     "channels_last_batch_to_model",
+    "count_parameters",
     "create_model",
     "get_model_spec",
     "get_tokenizer",
     "image_transform",
     "imagenet_classes",
     "list_models",
+    "lock_tower",
     "load_openai_checkpoint",
     "normalize_images",
     "retrieval_recall",
     "siglip_spec",
     "spec_from_openai_state_dict",
     "to_openai_layout",
+    "tower_blocks",
+    "tower_of",
+    "tower_parameters",
     "weight_decay_groups",
 ]

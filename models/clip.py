@@ -201,7 +201,11 @@ def exempt_from_weight_decay(name: str, parameter: nn.Parameter) -> bool:
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimizer parameter groups: decayed weight matrices, and the exempt rest (weight_decay 0)."""
+    """Two optimizer parameter groups: decayed weight matrices, and the exempt rest (weight_decay 0).
+
+    Frozen parameters (``requires_grad`` False: a locked tower, a fixed temperature) are in neither group, so an
+    optimizer or DeepSpeed engine built from these groups holds no gradient or state for them.
+    """
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:

@@ -90,6 +90,10 @@ def resolve_local_paths(cfg: RunConfig, base_dir: str | os.PathLike,
     if artifacts and "://" not in artifacts and not os.path.isabs(artifacts):
         data["tracking"]["artifact_location"] = str(outputs / artifacts)
     data["data"] = cfg.data.resolved(base).model_dump(exclude_unset=True)
+    init_from = data["model"]["init_from"]
+    # a path that exists here; anything else may be a run name, looked up under checkpoint.storage_path
+    if init_from and "://" not in init_from and not os.path.isabs(init_from) and (base / init_from).exists():
+        data["model"]["init_from"] = str(base / init_from)
     for eval_set in data["eval"]["sets"]:
         for field in ("data", "classnames"):
             if eval_set[field] and "://" not in eval_set[field] and not os.path.isabs(eval_set[field]):

@@ -45,8 +45,9 @@ class LoadedModel:
     step: int | None = None
 
 
-def load_model(spec: str, cfg: RunConfig) -> LoadedModel:
-    """The model ``spec`` names; raises :class:`ModelSourceError` naming what was tried."""
+def load_model(spec: str, cfg: RunConfig, *, argument: str = "--model") -> LoadedModel:
+    """The model ``spec`` names; raises :class:`ModelSourceError` naming what was tried, ``spec`` as the
+    ``argument`` it came from (the evaluation's ``--model``, a run's ``model.init_from``)."""
     endpoint = cfg.checkpoint.s3_endpoint_url
     location = storage.resolve(spec, endpoint) if (spec.startswith("s3://") or os.path.exists(spec)) else None
     if location is not None:
@@ -55,11 +56,11 @@ def load_model(spec: str, cfg: RunConfig) -> LoadedModel:
             return load_model_file(location)
         if kind == pafs.FileType.Directory:
             return _load_folder(location)
-        raise ModelSourceError(f"--model {spec}: no such file or folder")
+        raise ModelSourceError(f"{argument} {spec}: no such file or folder")
     run = runs.run_location(cfg.checkpoint.storage_path, endpoint, spec)
     if runs.run_exists(run):
         return _load_folder(run)
-    raise ModelSourceError(f"--model {spec!r}: not a file, a checkpoint or run folder, or a run under "
+    raise ModelSourceError(f"{argument} {spec!r}: not a file, a checkpoint or run folder, or a run under "
                            f"checkpoint.storage_path={cfg.checkpoint.storage_path} (set it with --set or --config)")
 
 

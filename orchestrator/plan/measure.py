@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from models import weight_decay_groups
+from models import ClipLoss, weight_decay_groups
 from orchestrator.collectives import all_reduce_sum, gather_with_grad
 from orchestrator.config import RunConfig
 from orchestrator.train import accumulated_step, build_model, deepspeed_config, single_chunk_step
@@ -136,7 +136,7 @@ def _step(engine, images: torch.Tensor, tokens: torch.Tensor, chunks: int):
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()
 
-    common = dict(gather=gather_with_grad, backward=backward, all_reduce=all_reduce_sum)
+    common = dict(loss=ClipLoss(gather_with_grad), backward=backward, all_reduce=all_reduce_sum)
     if chunks == 1:
         return single_chunk_step(engine, images, tokens, **common)
     return accumulated_step(engine, images, tokens, chunks=chunks, **common)

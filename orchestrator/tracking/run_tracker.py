@@ -163,8 +163,10 @@ class RunTracker:
         *,
         world_size: int | None = None,
         tags: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
     ) -> str | None:
-        """Open (or, with `resume_run_id`, reopen) the job's run and log config, YAML and tags.
+        """Open (or, with `resume_run_id`, reopen) the job's run and log config, YAML, tags and `params` (facts
+        no config field states, e.g. the model's trainable and frozen parameter counts).
 
         Returns the run id to persist with checkpoints so a restarted job continues the same run,
         or None if tracking is unavailable.
@@ -181,7 +183,7 @@ class RunTracker:
             resumed = resume_run_id is not None and self._reopen(resume_run_id)
             if not resumed:
                 self._create_run(run_name or self.run_name, run_tags)
-            self._log_config(config_dict, config_yaml, run_tags, resumed)
+            self._log_config(config_dict, config_yaml, run_tags, resumed, params or {})
             if self.system_metrics:
                 self._start_system_metrics(resume=resumed)
             return self.run_id
@@ -210,10 +212,10 @@ class RunTracker:
         return True
 
     def _log_config(
-        self, config_dict: Mapping[str, Any], config_yaml: str, tags: Mapping[str, str], resumed: bool
-    ) -> None:
+        self, config_dict: Mapping[str, Any], config_yaml: str, tags: Mapping[str, str], resumed: bool,
+        extra_params: Mapping[str, str]) -> None:
         """Log params (on resume only the new keys: MLflow params are immutable), YAML and tags."""
-        params = flatten_config(config_dict)
+        params = {**flatten_config(config_dict), **extra_params}
         if resumed:
             params = self._new_params(params)
             self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])

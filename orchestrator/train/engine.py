@@ -15,9 +15,13 @@ from typing import Any
 
 import torch
 
-from models import CLIP, siglip_spec, weight_decay_groups
+from models import CLIP, count_parameters, lock_tower, siglip_spec, weight_decay_groups
 from orchestrator.config import RunConfig
+from orchestrator.logs import get_logger
+from orchestrator.train.initial_weights import load_initial_weights
 from orchestrator.train.schedule import build_lr_scheduler
+
+logger = get_logger("train")
 
 # Modules whose gradients DeepSpeed may reduce in bf16 under autocast (their matmuls run in bf16 anyway).
 BF16_SAFE_MODULES = ["torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv2d", "models.transformer.SelfAttention"]
@@ -25,7 +29,9 @@ BF16_SAFE_MODULES = ["torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Co
 
 def build_model(cfg: RunConfig) -> CLIP:
     """A freshly initialised CLIP with the run's temperature settings (same weights on every rank); with
-    ``loss.kind: siglip`` it carries SigLIP's learnable logit bias."""
+    ``loss.kind: siglip`` it carries SigLIP's learnable logit bias. ``model.init_from`` then loads the weights
+    of ``model.init_towers``, and ``model.lock_image``/``lock_text`` freeze towers (``models.lock_tower``), so
+    the optimizer groups built from the model leave the frozen parameters out."""
     spec = cfg.model.spec()
     if cfg.loss.kind == "siglip":
         spec = dataclasses.replace(siglip_spec(spec), init_logit_bias=cfg.loss.init_bias)
@@ -39,6 +45,19 @@ def build_model(cfg: RunConfig) -> CLIP:
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(vision=True, text=True)
     model.logit_scale.requires_grad_(cfg.loss.learn_temperature)
+    first_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if cfg.model.init_from is not None:
+        description = load_initial_weights(model, cfg)
+        if first_rank:
+            logger.info("%s", description)
+    locks = [("image", cfg.model.lock_image, cfg.model.lock_image_unlocked_layers),
+             ("text", cfg.model.lock_text, cfg.model.lock_text_unlocked_layers)]
+    for tower, locked, unlocked_layers in locks:
+        if locked:
+            lock_tower(model, tower, unlocked_layers, norm_stats=cfg.model.lock_norm_stats,
+                       norm_params=cfg.model.lock_norm_params)
+    if first_rank and (cfg.model.lock_image or cfg.model.lock_text):
+        logger.info("towers locked: %s", count_parameters(model).describe())
     return model
 
 

@@ -23,6 +23,7 @@ from orchestrator.ray_start import start_ray
 from orchestrator.storage import StorageError
 from orchestrator.runs import EXPORT_FILE
 from orchestrator.train.controller_datasets import build_datasets
+from orchestrator.train.initial_weights import check_initial_weights
 from orchestrator.train.worker_loop import train_loop_per_worker
 
 logger = get_logger("train")
@@ -116,12 +117,18 @@ def check_inputs(cfg: RunConfig) -> None:
     Raises :class:`ConfigError` naming the field; under ``ray job submit --working-dir`` a local path
     that resolved into Ray's temporary copy of the directory (where ``data/`` is not shipped) says so. First,
     without any I/O: a GPU run whose batch plan cannot fit its GPU (``scaling.gpu_type``) is refused naming
-    the term that does not fit (``orchestrator.plan``, the arithmetic of ``jobs/plan.py``).
+    the term that does not fit (``orchestrator.plan``, the arithmetic of ``jobs/plan.py``). ``model.init_from``
+    must name weights of ``model.name``'s architecture (read here once, see ``check_initial_weights``).
     """
     too_big = memory_problems(cfg, None)
     if too_big:
         raise ConfigError(f"the batch plan does not fit scaling.gpu_type: {'; '.join(too_big)} "
                           f"(see python jobs/plan.py --config <this config>)")
+    if cfg.model.init_from is not None:
+        try:
+            check_initial_weights(cfg)
+        except (StorageError, OSError, ValueError) as error:
+            raise ConfigError(str(error)) from None
     checks = [(f"data.sources[{i}].shards" if cfg.data.sources else "data.shards", source.shards,
                lambda source=source: resolve_source(source, cfg.data.s3_endpoint_url))
               for i, source in enumerate(cfg.data.source_list())]

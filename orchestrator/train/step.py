@@ -28,9 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models import ClipLoss, Gather
+from models import ClipLoss, SigLipLoss
+from orchestrator.collectives import gather_with_grad
+from orchestrator.siglip_exchange import ring_text_blocks
+
 
 Backward = Callable[[torch.Tensor], None]
+LossFunction = Callable[..., torch.Tensor]
+"""(image features, text features, logit scale[, logit bias]) -> this rank's loss: ``models.ClipLoss`` with the
+distributed gather, or ``models.SigLipLoss`` with the ring exchange (see :func:`contrastive_loss`)."""
 
 
 @dataclass(frozen=True)
@@ -41,10 +47,18 @@ class StepResult:
     """False when some rank's loss was NaN/inf; then nothing was back-propagated anywhere."""
 
 
-def _features(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
-    """Model forward with features and scale in float32, so the loss never runs in bf16."""
-    image_features, text_features, logit_scale = model(images, tokens)
-    return image_features.float(), text_features.float(), logit_scale.float()
+def _features(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Model forward in float32, so the loss never runs in bf16: (image features, text features, then the
+    loss's learnable scalars: the logit scale, and SigLIP's bias for a model that has one)."""
+    return tuple(output.float() for output in model(images, tokens))
+
+
+def contrastive_loss(kind: str) -> nn.Module:
+    """The run's loss across ranks: ``clip`` (features all-gathered with gradient) or ``siglip`` (text blocks
+    passed around the ring); either is the single-process loss without a process group."""
+    if kind == "siglip":
+        return SigLipLoss(ring_text_blocks)
+    return ClipLoss(gather_with_grad)
 
 
 def _all_finite(loss: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> bool:
@@ -58,18 +72,17 @@ def single_chunk_step(
     images: torch.Tensor,
     tokens: torch.Tensor,
     *,
-    gather: Gather,
+    loss: LossFunction,
     backward: Backward,
     all_reduce: Callable[[torch.Tensor], torch.Tensor],
     loss_weight: float = 1.0,
 ) -> StepResult:
     """Forward, gathered loss, backward: the plain step when the local batch fits in one chunk."""
-    image_features, text_features, logit_scale = _features(model, images, tokens)
-    loss = ClipLoss(gather)(image_features, text_features, logit_scale) * loss_weight
-    if not _all_finite(loss, all_reduce):
-        return StepResult(loss.detach(), False)
-    backward(loss)
-    return StepResult(loss.detach(), True)
+    value = loss(*_features(model, images, tokens)) * loss_weight
+    if not _all_finite(value, all_reduce):
+        return StepResult(value.detach(), False)
+    backward(value)
+    return StepResult(value.detach(), True)
 
 
 def accumulated_step(
@@ -78,7 +91,7 @@ def accumulated_step(
     tokens: torch.Tensor,
     *,
     chunks: int,
-    gather: Gather,
+    loss: LossFunction,
     backward: Backward,
     all_reduce: Callable[[torch.Tensor], torch.Tensor],
     loss_weight: float = 1.0,
@@ -95,18 +108,18 @@ def accumulated_step(
         cached = [_features(model, i, t) for i, t in zip(image_chunks, token_chunks)]
     image_features = torch.cat([c[0] for c in cached]).requires_grad_()  # (N_local, E)
     text_features = torch.cat([c[1] for c in cached]).requires_grad_()  # (N_local, E)
-    logit_scale = cached[0][2].detach().requires_grad_()
-    loss = ClipLoss(gather)(image_features, text_features, logit_scale) * loss_weight
-    if not _all_finite(loss, all_reduce):
-        return StepResult(loss.detach(), False)
-    image_grad, text_grad, scale_grad = torch.autograd.grad(loss, [image_features, text_features, logit_scale])
+    scalars = [value.detach().requires_grad_() for value in cached[0][2:]]  # logit scale (and SigLIP's bias)
+    value = loss(image_features, text_features, *scalars) * loss_weight
+    if not _all_finite(value, all_reduce):
+        return StepResult(value.detach(), False)
+    image_grad, text_grad, *scalar_grads = torch.autograd.grad(value, [image_features, text_features, *scalars])
     sizes = [len(i) for i in image_chunks]
     for index, (chunk_images, chunk_tokens, g_image, g_text) in enumerate(
         zip(image_chunks, token_chunks, image_grad.split(sizes), text_grad.split(sizes))
     ):
-        live_image, live_text, live_scale = _features(model, chunk_images, chunk_tokens)
+        live_image, live_text, *live_scalars = _features(model, chunk_images, chunk_tokens)
         surrogate = (live_image * g_image).sum() + (live_text * g_text).sum()
-        if index == 0:  # the logit scale is shared by all chunks: its gradient enters once
-            surrogate = surrogate + (live_scale * scale_grad).sum()
+        if index == 0:  # the scalars are shared by all chunks: their gradient enters once
+            surrogate = surrogate + sum((live * grad).sum() for live, grad in zip(live_scalars, scalar_grads))
         backward(surrogate)
-    return StepResult(loss.detach(), True)
+    return StepResult(value.detach(), True)

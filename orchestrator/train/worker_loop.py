@@ -22,15 +22,21 @@ from typing import Any
 
 import torch
 
-from orchestrator.collectives import all_reduce_sum, gather_with_grad
+from models import TOWERS, ParameterCounts, count_parameters
+from orchestrator.collectives import all_reduce_sum
 from orchestrator.config import HELDOUT_SET, RunConfig
 from orchestrator.eval import EvalResult, InLoopEvaluation
 from orchestrator.logs import drop_records, get_logger, setup_logging, without_printed_lines
 from orchestrator.runs import EXPORT_FILE
 from orchestrator.train import checkpoint as checkpoints
 from orchestrator.train.engine import build_engine, build_model
-from orchestrator.train.parameters import clamp_logit_scale, current_logit_scale, export_openai_state_dict
-from orchestrator.train.step import StepResult, accumulated_step, single_chunk_step
+from orchestrator.train.parameters import (
+    clamp_logit_scale,
+    current_logit_scale,
+    export_openai_state_dict,
+    full_fp32_parameters,
+)
+from orchestrator.train.step import StepResult, accumulated_step, contrastive_loss, single_chunk_step
 from orchestrator.train.worker_batches import TrainBatches
 
 logger = get_logger("train")
@@ -65,6 +71,8 @@ class Worker:
     last_metrics: dict[str, float] = field(default_factory=dict)
     resize: Resize | None = None
     """Set when this worker group resumed a checkpoint of another worker count, until its first step."""
+    loss: Any = None
+    """The run's loss across ranks (``contrastive_loss``: CLIP's or SigLIP's)."""
 
     @property
     def is_chief(self) -> bool:
@@ -79,6 +87,11 @@ class Worker:
     def step_batch(self) -> int:
         """Samples per step over all ranks: the config's global batch, unless a fixed count was resized."""
         return sum(self.cfg.worker_batch_sizes(self.world_size))
+
+    @property
+    def unmasked_from(self) -> int:
+        """The step from which patch dropout is off (FLIP's unmasked tuning; the end when it never is)."""
+        return self.cfg.schedule.total_steps - self.cfg.model.patch_dropout_off_last_steps
 
     @property
     def stop_step(self) -> int:
@@ -100,14 +113,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     saved_world_size = checkpoints.saved_state(checkpoint).world_size if checkpoint is not None else world_size
     resized = saved_world_size != world_size
-    engine = build_engine(cfg, build_model(cfg), world_size, load_universal=resized)
+    model = build_model(cfg)
+    parameters = count_parameters(model)  # counted before ZeRO-3 partitions the tensors inside the engine
+    engine = build_engine(cfg, model, world_size, load_universal=resized)
     if rank == 0:
         elastic = f" of {cfg.scaling.min_workers}-{cfg.scaling.max_workers}" if cfg.scaling.elastic else ""
         logger.info("%d workers%s: DeepSpeed ZeRO-%d engine built (%s, global batch %d = %s)", world_size, elastic,
                     cfg.deepspeed.zero_stage, cfg.precision, cfg.global_batch_size, cfg.describe_batch_plan(world_size))
     state = _restore_or_start(cfg, engine, checkpoint, rank, context.get_local_rank(), world_size)
-    worker = Worker(cfg, rank, world_size, engine, state, evaluation=InLoopEvaluation(cfg))
-    worker.tracker = _start_tracking(worker)
+    worker = Worker(cfg, rank, world_size, engine, state, evaluation=InLoopEvaluation(cfg),
+                    loss=contrastive_loss(cfg.loss.kind))
+    worker.tracker = _start_tracking(worker, parameters)
     if resized:
         worker.resize = _note_resize(worker, saved_world_size)
     try:
@@ -117,6 +133,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if worker.tracker is not None:
             worker.tracker.finish(None, status="FAILED")  # a restarted attempt reopens the same run
         raise
+
+
+def _set_patch_dropout(worker: Worker) -> None:
+    """Patch dropout as the next step calls for: the configured share before ``unmasked_from``, then none.
+    Called before every step and at the start (a resumed model is built without it); says when it changes."""
+    share = worker.cfg.model.patch_dropout
+    wanted = share if worker.state.step < worker.unmasked_from else 0.0
+    if not share or worker.engine.module.visual.patch_dropout == wanted:
+        return
+    worker.engine.module.set_patch_dropout(wanted)
+    if worker.is_chief and wanted:
+        logger.info("patch dropout %g: each training image keeps %d%% of its patches until step %d", share,
+                    round(100 * (1 - share)), worker.unmasked_from)
+    elif worker.is_chief:
+        logger.info("patch dropout off from step %d: the last %d step(s) see every patch (unmasked tuning)",
+                    worker.state.step + 1, worker.cfg.schedule.total_steps - worker.state.step)
 
 
 def _silence_worker_noise() -> None:
@@ -139,8 +171,10 @@ def _restore_or_start(cfg: RunConfig, engine, checkpoint, rank: int, local_rank:
     return state
 
 
-def _start_tracking(worker: Worker):
-    """Rank 0 opens (or, after a restart, reopens) the MLflow run; its id goes into every checkpoint."""
+def _start_tracking(worker: Worker, parameters: ParameterCounts):
+    """Rank 0 opens (or, after a restart, reopens) the MLflow run; its id goes into every checkpoint. Beside the
+    config, the run's params hold the model's trainable and frozen parameter counts (locked towers, fixed
+    temperature)."""
     if not worker.is_chief:
         return None
     from orchestrator.tracking import RunTracker  # mlflow only where it is used: GPU check machines lack it
@@ -154,6 +188,9 @@ def _start_tracking(worker: Worker):
         resume_run_id=worker.state.mlflow_run_id,
         world_size=worker.world_size,
         tags=cfg.tracking.tags,
+        params={"model.trainable_parameters": str(parameters.total_trainable),
+                "model.frozen_parameters": str(parameters.total_frozen),
+                **{f"model.{tower}_trainable_parameters": str(parameters.trainable[tower]) for tower in TOWERS}},
     )
     return tracker
 
@@ -193,6 +230,7 @@ def _train(worker: Worker) -> None:
     for images, tokens in batches:
         if state.step >= worker.stop_step:
             break
+        _set_patch_dropout(worker)
         result = optimizer_step(worker, images, tokens)
         state.samples_seen += global_batch
         window_samples += global_batch
@@ -231,7 +269,7 @@ def optimizer_step(worker: Worker, images: torch.Tensor, tokens: torch.Tensor) -
 
     cfg, world_size = worker.cfg, worker.world_size
     share = world_size * cfg.worker_batch_size(world_size, worker.rank) / worker.step_batch  # 1 when ranks are even
-    common = dict(gather=gather_with_grad, backward=backward, all_reduce=all_reduce_sum, loss_weight=share)
+    common = dict(loss=worker.loss, backward=backward, all_reduce=all_reduce_sum, loss_weight=share)
     chunks = cfg.accumulation_chunks(world_size)
     if chunks == 1:
         result = single_chunk_step(engine, images, tokens, **common)
@@ -274,6 +312,11 @@ def _log_step(worker: Worker, result: StepResult, samples_per_s: float, batches:
         "scaling/accumulation_chunks": float(worker.cfg.accumulation_chunks(worker.world_size)),
         **batches.error_counters(),
     }
+    if worker.cfg.model.patch_dropout:
+        metrics["train/patch_dropout"] = float(worker.engine.module.visual.patch_dropout)  # what this step used
+    if worker.cfg.loss.kind == "siglip":  # gathered under ZeRO-3: every rank takes part
+        bias = full_fp32_parameters(worker.engine, worker.cfg.deepspeed.zero_stage, ["logit_bias"])["logit_bias"]
+        metrics["train/logit_bias"] = float(bias.reshape(()))
     worker.last_metrics.update(metrics)
     if worker.is_chief:
         remaining_s = (worker.stop_step - worker.state.step) * worker.step_batch / max(samples_per_s, 1e-9)

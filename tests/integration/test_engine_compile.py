@@ -25,6 +25,7 @@ def _losses(compile_model: bool) -> tuple[list[float], bool]:
     import torch
     from torch._dynamo.utils import counters
 
+    from models import ClipLoss
     from orchestrator.collectives import all_reduce_sum, gather_with_grad
     from orchestrator.config import load_config
     from orchestrator.train import single_chunk_step
@@ -48,7 +49,7 @@ def _losses(compile_model: bool) -> tuple[list[float], bool]:
         tokens[:, 1:length - 1] = torch.randint(300, 5000, (6, length - 2), generator=generator)
     losses = []
     for tokens in (captions[9], captions[9], captions[14]):
-        result = single_chunk_step(engine, images, tokens, gather=gather_with_grad, backward=backward,
+        result = single_chunk_step(engine, images, tokens, loss=ClipLoss(gather_with_grad), backward=backward,
                                    all_reduce=all_reduce_sum)
         losses.append(float(result.loss))
     return losses, engine.is_compiled and counters["stats"]["unique_graphs"] > 0

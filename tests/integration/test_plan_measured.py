@@ -92,7 +92,7 @@ def _exact_worker(rank: int, port: int, out: str) -> None:
     images, tokens = synthetic_batch(GLOBAL, 32, 77, seed=5)
     mine = slice(rank * GLOBAL // WORLD, (rank + 1) * GLOBAL // WORLD)
     counter.counting = True
-    result = single_chunk_step(model, images[mine], tokens[mine], gather=gather_with_grad,
+    result = single_chunk_step(model, images[mine], tokens[mine], loss=ClipLoss(gather_with_grad),
                                backward=lambda loss: loss.backward(), all_reduce=all_reduce_sum)
     grads = parameter_gradients(model)
     for grad in grads.values():  # data-parallel averaging: ZeRO-0's gradient all-reduce

@@ -63,7 +63,7 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
     model = _model()
     images, tokens = _batch()
     local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    step_args = dict(gather=gather_with_grad, backward=lambda loss: loss.backward(), all_reduce=all_reduce_sum)
+    step_args = dict(loss=ClipLoss(gather_with_grad), backward=lambda loss: loss.backward(), all_reduce=all_reduce_sum)
     if mode == "accumulated":
         result = accumulated_step(model, images[local], tokens[local], chunks=CHUNKS, **step_args)
         assert result.finite

@@ -228,3 +228,22 @@ def test_gpu_recipes_train_in_bf16_autocast_over_fp32_weights():
         assert ds["train_batch_size"] == 32_768
     local = load_config(CONFIGS / "local.yaml")
     assert not deepspeed_config(local, world_size=2)["torch_autocast"]["enabled"]  # fp32 on CPU
+
+
+def test_the_lit_recipe_locks_a_pretrained_image_tower_and_fits_its_gpus():
+    from orchestrator.plan import memory_problems
+
+    cfg = load_config(CONFIGS / "lit_vit_b32.yaml")
+    model = cfg.model
+    assert (model.name, model.init_towers, model.lock_image, model.lock_text) == ("ViT-B/32", ["image"], True, False)
+    assert model.init_from.endswith("ViT-B-32.pt") and cfg.global_batch_size == 16_384
+    assert (cfg.optim.lr, cfg.schedule.warmup_steps, cfg.precision, cfg.scaling.gpu_type) == (1e-3, 10_000, "bf16", "h100")
+    assert memory_problems(cfg, None) == []
+
+
+def test_a_relative_init_from_is_resolved_only_when_it_is_a_path(tmp_path):
+    (tmp_path / "weights.pt").write_bytes(b"")
+    as_path = resolve_local_paths(load_config(None, ["model.init_from=weights.pt"]), tmp_path)
+    as_run = resolve_local_paths(load_config(None, ["model.init_from=rayclip-local-20260101-120000"]), tmp_path)
+    assert as_path.model.init_from == str(tmp_path / "weights.pt")
+    assert as_run.model.init_from == "rayclip-local-20260101-120000"  # a run name, looked up in storage later

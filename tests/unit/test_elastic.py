@@ -119,7 +119,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, weighted: bool 
         backward_calls.append(1)
         loss.backward()
 
-    args = dict(gather=gather_with_grad, backward=backward, all_reduce=all_reduce_sum,
+    args = dict(loss=ClipLoss(gather_with_grad), backward=backward, all_reduce=all_reduce_sum,
                 loss_weight=world_size * sizes[rank] / GLOBAL_BATCH if weighted else 1.0)  # as the worker loop does
     if chunks == 1:
         result = single_chunk_step(model, images[mine], tokens[mine], **args)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.registry import create_model
+from models import ClipLoss
 from orchestrator.train import TrainState
 from orchestrator.collectives import all_reduce_sum, gather_with_grad
 from orchestrator.config import load_config
@@ -27,7 +28,7 @@ def _batch(poison: bool):
 def test_nonfinite_loss_is_not_backpropagated(chunks):
     model = create_model("ViT-tiny")
     calls = []
-    args = dict(gather=gather_with_grad, backward=lambda loss: calls.append(loss.backward()), all_reduce=all_reduce_sum)
+    args = dict(loss=ClipLoss(gather_with_grad), backward=lambda loss: calls.append(loss.backward()), all_reduce=all_reduce_sum)
     step = single_chunk_step if chunks == 1 else lambda *a, **k: accumulated_step(*a, chunks=chunks, **k)
     poisoned = step(model, *_batch(poison=True), **args)
     assert not poisoned.finite and not calls

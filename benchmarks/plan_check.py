@@ -1,7 +1,9 @@
 """The planner's predictions next to measurements: CPU DeepSpeed steps and the H100 rows in benchmarks/results.
 
 CPU: 2 gloo workers train ViT-tiny (micro-batch 32, fp32) under ZeRO 1/2/3 with and without gradient
-checkpointing, DeepSpeed's buckets at 1e6 elements, plus ZeRO-1 with DeepSpeed's default 5e8-element bucket;
+checkpointing, DeepSpeed's buckets at 1e6 elements, plus ZeRO-1 with DeepSpeed's default 5e8-element bucket
+and LiT-style runs with a locked tower (image or text, ZeRO 1/2/3; the ZeRO-1 and ZeRO-3 CPU peaks move by up
+to 20 MB between identical runs, cause not found, so read those rows as noisy);
 the peak is the allocator-level one of ``orchestrator.plan.measure``. GPU: every row of
 ``benchmarks/results/gpu_step_h100.jsonl`` run eagerly through DeepSpeed (``torch.compile`` changes what is
 saved, and the plain-PyTorch baseline has no ZeRO optimizer: the planner models neither), predicted peak vs ``peak_mem_gib`` (its step time at the measured MFU would be
@@ -29,13 +31,16 @@ RESULTS = Path(__file__).resolve().parent / "results" / "plan_check.jsonl"
 
 def cpu_rows(folder: str) -> list[dict]:
     rows = []
-    cases = [(z, c, BUCKET) for z in (1, 2, 3) for c in (False, True)] + [(1, False, None)]
-    for zero_stage, checkpointing, bucket in cases:
-        result = measured(zero_stage, checkpointing, folder, bucket=bucket)
-        shape = predicted_shape(zero_stage, checkpointing, bucket=bucket or int(5e8))
+    cases = [(z, c, BUCKET, None) for z in (1, 2, 3) for c in (False, True)] + [(1, False, None, None)]
+    cases += [(z, c, BUCKET, lock) for z, c, lock in [(1, False, "image"), (2, False, "image"), (3, True, "image"),
+                                                    (1, False, "text"), (3, True, "text")]]
+    for zero_stage, checkpointing, bucket, lock in cases:
+        result = measured(zero_stage, checkpointing, folder, bucket=bucket, lock=lock)
+        shape = predicted_shape(zero_stage, checkpointing, bucket=bucket or int(5e8), lock=lock)
         predicted = estimate_memory(shape).allocated
         rows.append({"where": "cpu, 2 gloo workers", "model": "ViT-tiny", "micro_batch": shape.micro_batch,
                      "zero_stage": zero_stage, "grad_checkpointing": checkpointing, "precision": "fp32",
+                     "locked": lock or "none",
                      "bucket": bucket or "default 5e8", "predicted_mib": round(predicted / 2**20, 1),
                      "measured_mib": round(result["peak_bytes"] / 2**20, 1),
                      "ratio": round(predicted / result["peak_bytes"], 3)})
@@ -65,7 +70,8 @@ def gpu_rows() -> list[dict]:
 
 def _line(row: dict, unit: str) -> str:
     return (f"{row['where']:34s} {row['model']:9s} micro {row['micro_batch']:4d} ZeRO-{row['zero_stage']} "
-            f"ckpt {'on ' if row['grad_checkpointing'] else 'off'} {row['precision']:8s} predicted "
+            f"ckpt {'on ' if row['grad_checkpointing'] else 'off'} {row['precision']:8s} "
+            f"{'locked ' + row['locked'] if row.get('locked', 'none') != 'none' else '':12s} predicted "
             f"{row['predicted_' + unit]:8.2f} measured {row['measured_' + unit]:8.2f} {unit.upper()}  ratio {row['ratio']:.3f}")
 
 

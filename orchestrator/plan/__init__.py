@@ -8,11 +8,12 @@ run config ``jobs/plan.py`` writes), ``measure`` (real CPU steps that check the 
 
 from orchestrator.plan.activations import PRECISIONS, Precision
 from orchestrator.plan.gpus import GIB, GPU_TYPES, GpuType, get_gpu_type
-from orchestrator.plan.memory import MemoryEstimate, StepShape, estimate_memory, parameter_counts
+from orchestrator.plan.memory import MemoryEstimate, StepShape, TowerLock, estimate_memory, parameter_counts
 from orchestrator.plan.planner import (
     PAPER_SAMPLES,
     Plan,
     choose_micro_batch,
+    config_locks,
     config_shape,
     largest_micro_batch,
     memory_problems,
@@ -31,7 +32,9 @@ __all__ = [
     "Plan",
     "Precision",
     "StepShape",
+    "TowerLock",
     "choose_micro_batch",
+    "config_locks",
     "collective_payloads",
     "config_shape",
     "estimate_memory",

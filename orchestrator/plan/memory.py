@@ -23,6 +23,15 @@ ranks and P parameters (counted from the model built on the meta device):
   flattened all-reduce copy of the gradients;
 - the allocator's headroom, what ``max_memory_allocated`` does not see: the CUDA context and NCCL's
   buffers (1 GiB) and the caching allocator's fragmentation (10% of the allocated peak).
+
+Locked towers (``model.lock_image``/``lock_text``, :class:`TowerLock`) keep their parameters (ZeRO-3 still
+partitions and gathers them) but no gradient, optimizer state or autocast copy (autocast caches its bf16
+copy only of weights that require a gradient), and those terms count the trainable parameters alone. A
+wholly locked tower keeps no activations: its forward saves nothing for a backward that never comes, and
+only the block running at the time holds its activations (counted as the block's saved tensors, an upper
+bound). The image tower runs first, so a locked one's block is alive before anything else is kept: a phase
+of its own; a locked text tower's block adds to the image tower's kept activations. A tower with unlocked
+blocks is counted as if it trained whole (an upper bound: its locked blocks keep nothing either).
 """
 
 from __future__ import annotations
@@ -34,8 +43,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models import CLIP, ModelSpec
-from orchestrator.plan.activations import Precision, Widths, image_tower, text_tower
+from models import CLIP, ModelSpec, Tower, lock_tower
+from orchestrator.plan.activations import Precision, TowerActivations, Widths, image_tower, text_tower
 
 GIB = 2**30
 DEFAULT_REDUCE_BUCKET = int(5e8)  # DeepSpeed's reduce_bucket_size default, elements
@@ -48,6 +57,15 @@ _MATMUL_MODULES = (nn.Linear, nn.Conv2d)
 
 
 @dataclass(frozen=True)
+class TowerLock:
+    """A locked tower as ``models.lock_tower`` applies it (the run config's ``model.lock_image``/``lock_text``)."""
+
+    tower: Tower
+    unlocked_layers: int = 0
+    norm_params: bool = False
+
+
+@dataclass(frozen=True)
 class ParameterCounts:
     total: int
     matmul: int
@@ -55,23 +73,34 @@ class ParameterCounts:
     persistent: int
     """In tensors below ZeRO-3's persistence threshold (kept gathered on every rank)."""
     largest: int
+    trainable: int
+    """Not locked: what has a gradient and optimizer state (all of ``total`` without locks)."""
+    trainable_matmul: int
+    trainable_largest: int
 
 
 @functools.lru_cache(maxsize=64)
-def parameter_counts(spec: ModelSpec) -> ParameterCounts:
-    """Parameter counts of the CLIP the spec describes, built on the meta device (no memory, instant)."""
+def parameter_counts(spec: ModelSpec, locks: tuple[TowerLock, ...] = ()) -> ParameterCounts:
+    """Parameter counts of the CLIP the spec describes with ``locks`` applied, built on the meta device
+    (no memory, instant)."""
     with torch.device("meta"):
         model = CLIP(spec)
-    total = matmul = persistent = largest = 0
+    for lock in locks:
+        lock_tower(model, lock.tower, lock.unlocked_layers, norm_stats=False, norm_params=lock.norm_params)
+    total = matmul = persistent = largest = trainable = trainable_matmul = trainable_largest = 0
     for module in model.modules():
         own = list(module.parameters(recurse=False))
         numels = [p.numel() for p in own]
+        learnt = [p.numel() for p in own if p.requires_grad]
         total += sum(numels)
+        trainable += sum(learnt)
         persistent += sum(n for n in numels if n < PERSISTENCE_THRESHOLD)
         largest = max([largest, *numels])
+        trainable_largest = max([trainable_largest, *learnt])
         if isinstance(module, _MATMUL_MODULES) or type(module).__name__ == "SelfAttention":
             matmul += sum(numels)
-    return ParameterCounts(total, matmul, persistent, largest)
+            trainable_matmul += sum(learnt)
+    return ParameterCounts(total, matmul, persistent, largest, trainable, trainable_matmul, trainable_largest)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +122,14 @@ class StepShape:
     prefetch_bucket_size: int = DEFAULT_PREFETCH_BUCKET
     overlap_comm: bool | None = None
     """DeepSpeed's default (None) is on for ZeRO-3 only."""
+    locks: tuple[TowerLock, ...] = ()
+
+    @property
+    def counts(self) -> ParameterCounts:
+        return parameter_counts(self.spec, self.locks)
+
+    def wholly_locked(self, tower: Tower) -> bool:
+        return any(lock.tower == tower and lock.unlocked_layers == 0 for lock in self.locks)
 
     @property
     def chunks(self) -> int:
@@ -115,6 +152,8 @@ class MemoryEstimate:
     loss_at_activation_peak: bool
     labels: dict[str, str] = field(default_factory=dict)
     """A human description of each term (model, micro-batch, checkpointing)."""
+    locked_image_forward: int = 0
+    """A wholly locked image tower's running block, alive before any other activation (not in ``terms``)."""
 
     @property
     def allocated(self) -> int:
@@ -122,8 +161,10 @@ class MemoryEstimate:
         loss = self.terms["loss logits"] + self.terms["gathered features"]
         base = sum(v for k, v in self.terms.items() if k != "allocator headroom") - loss
         at_peak = loss if self.loss_at_activation_peak else 0
-        loss_phase = base - self.terms["activations: image tower"] - self.terms["activations: text tower"] + loss
-        return max(base + at_peak, loss_phase)
+        activations = self.terms["activations: image tower"] + self.terms["activations: text tower"]
+        loss_phase = base - activations + loss
+        locked_phase = base - activations + self.locked_image_forward
+        return max(base + at_peak, loss_phase, locked_phase)
 
     @property
     def total(self) -> int:
@@ -131,19 +172,19 @@ class MemoryEstimate:
 
 
 def _state_terms(shape: StepShape, counts: ParameterCounts) -> dict[str, int]:
-    p, w, z, wb = counts.total, shape.world_size, shape.zero_stage, shape.weight_bytes
-    gradients = p * wb if z <= 1 else 4 * p // w
+    p, t, w, z, wb = counts.total, counts.trainable, shape.world_size, shape.zero_stage, shape.weight_bytes
+    gradients = t * wb if z <= 1 else 4 * t // w
     if z == 1:
-        gradients += 4 * p // w
-    master = (4 * p if shape.precision == "bf16" else 0) if z == 0 else 4 * p // w
-    moments = 8 * p if z == 0 else 8 * p // w
+        gradients += 4 * t // w
+    master = (4 * t if shape.precision == "bf16" else 0) if z == 0 else 4 * t // w
+    moments = 8 * t if z == 0 else 8 * t // w
     overlap = shape.overlap_comm if shape.overlap_comm is not None else z == 3
     if z == 0:
-        bucket = min(p, DEFAULT_REDUCE_BUCKET) * wb
+        bucket = min(t, DEFAULT_REDUCE_BUCKET) * wb
     else:
         bucket = shape.reduce_bucket_size * wb * (2 if overlap and z < 3 else 1)
     if z == 3:
-        bucket += counts.largest * 4  # ZeRO-3's step-time gradient buffer, sized for the largest parameter
+        bucket += counts.trainable_largest * 4  # ZeRO-3's step-time gradient buffer, sized for the largest parameter
     gathered = 0
     if z == 3 and p <= MAX_LIVE_PARAMETERS:
         gathered = p * wb
@@ -153,7 +194,7 @@ def _state_terms(shape: StepShape, counts: ParameterCounts) -> dict[str, int]:
         "parameters": p * wb // (w if z == 3 else 1),
         "gradients": gradients,
         "optimizer state": master + moments,
-        "autocast weight copies": 2 * counts.matmul if shape.precision == "autocast" else 0,
+        "autocast weight copies": 2 * counts.trainable_matmul if shape.precision == "autocast" else 0,
         "zero-3 gathered parameters": gathered,
         "deepspeed buckets": bucket,
     }
@@ -162,9 +203,15 @@ def _state_terms(shape: StepShape, counts: ParameterCounts) -> dict[str, int]:
 def estimate_memory(shape: StepShape) -> MemoryEstimate:
     """The per-GPU memory of one step of ``shape``, by term (see the module docstring)."""
     spec, widths = shape.spec, Widths.of(shape.precision)
-    counts = parameter_counts(spec)
+    counts = shape.counts
     image = image_tower(spec, checkpointing=shape.grad_checkpointing, widths=widths)
     text = text_tower(spec, shape.tokens, checkpointing=shape.grad_checkpointing, widths=widths)
+    locked_image_forward = 0
+    if shape.wholly_locked("image"):
+        locked_image_forward = image_tower(spec, checkpointing=True, widths=widths).recompute_peak
+        image = TowerActivations(0, 0)
+    if shape.wholly_locked("text"):  # runs after the image tower: its running block adds to what that keeps
+        text = TowerActivations(0, text_tower(spec, shape.tokens, checkpointing=True, widths=widths).recompute_peak)
     recompute = max(image.recompute_peak, text.recompute_peak)  # the towers' backward passes run one after the other
     rows = min(shape.micro_batch, shape.worker_batch)
     image_bytes = rows * (image.kept + (recompute if image.recompute_peak >= text.recompute_peak else 0))
@@ -178,7 +225,7 @@ def estimate_memory(shape: StepShape) -> MemoryEstimate:
         "loss logits": 2 * shape.worker_batch * shape.global_batch * 4 * 2,
         "gathered features": 2 * shape.global_batch * spec.embed_dim * 4 * 2,
     }
-    estimate = MemoryEstimate(terms, shape.chunks == 1, _labels(shape))
+    estimate = MemoryEstimate(terms, shape.chunks == 1, _labels(shape), rows * locked_image_forward)
     terms["allocator headroom"] = RUNTIME_RESERVE + int(FRAGMENTATION * estimate.allocated)
     return estimate
 
@@ -187,10 +234,13 @@ def _labels(shape: StepShape) -> dict[str, str]:
     spec, ckpt = shape.spec, "checkpointing" if shape.grad_checkpointing else "no checkpointing"
     tower = "ViT" if spec.vision.kind == "vit" else "ResNet"
     rows = min(shape.micro_batch, shape.worker_batch)
+    image_ckpt = "locked" if shape.wholly_locked("image") else ckpt
+    text_ckpt = "locked" if shape.wholly_locked("text") else ckpt
+    trainable = f" of {shape.counts.trainable / 1e6:.1f}M trainable parameters" if shape.locks else ""
     return {
-        "activations: image tower": f"activations ({spec.name} {tower} image tower, micro_batch {rows}, {ckpt})",
-        "activations: text tower": f"activations ({spec.name} text tower, {shape.tokens} tokens, micro_batch {rows}, {ckpt})",
+        "activations: image tower": f"activations ({spec.name} {tower} image tower, micro_batch {rows}, {image_ckpt})",
+        "activations: text tower": f"activations ({spec.name} text tower, {shape.tokens} tokens, micro_batch {rows}, {text_ckpt})",
         "loss logits": f"loss logits ({shape.worker_batch} x {shape.global_batch}, both directions, with gradients)",
-        "optimizer state": f"optimizer state (fp32 master + Adam moments, ZeRO-{shape.zero_stage})",
+        "optimizer state": f"optimizer state (fp32 master + Adam moments{trainable}, ZeRO-{shape.zero_stage})",
         "deepspeed buckets": f"DeepSpeed gradient bucket ({shape.reduce_bucket_size:.0e} elements)",
     }

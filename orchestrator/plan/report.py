@@ -13,7 +13,8 @@ from models import ModelSpec, get_model_spec, list_models
 from orchestrator.config import ConfigError, RunConfig, load_config
 from orchestrator.plan.activations import PRECISIONS
 from orchestrator.plan.gpus import GPU_TYPES
-from orchestrator.plan.planner import PAPER_SAMPLES, Plan
+from orchestrator.plan.memory import TowerLock
+from orchestrator.plan.planner import PAPER_SAMPLES, Plan, config_locks
 
 ON_OFF = {"on": True, "off": False}
 
@@ -40,6 +41,8 @@ def parse_plan_args(argv: list[str] | None, description: str) -> argparse.Namesp
     parser.add_argument("--precision", help="autocast (rayclip's bf16: autocast over fp32 weights), bf16 "
                         "(bf16 weights + fp32 master, as benchmarks/gpu_step.py --precision bf16), fp32")
     parser.add_argument("--grad-checkpointing", help="on|off (default: --config's, else on)")
+    parser.add_argument("--lock", action="append", metavar="TOWER", help="image|text: plan with that tower "
+                        "locked whole (LiT; repeatable; default: --config's model.lock_image/lock_text)")
     parser.add_argument("--samples", type=float, default=PAPER_SAMPLES, help="samples to train (default 12.8e9)")
     parser.add_argument("--mfu", type=float, help="model FLOP utilisation (default: measured, benchmarks/results)")
     parser.add_argument("--compile", action="store_true", help="take the MFU measured with torch.compile")
@@ -63,10 +66,12 @@ def _check(args: argparse.Namespace) -> None:
         ("--grad-checkpointing", args.grad_checkpointing is None or args.grad_checkpointing in ON_OFF, "on, off"),
         ("--samples", args.samples > 0, "a positive number, e.g. 12.8e9"),
         ("--mfu", args.mfu is None or 0 < args.mfu <= 1, "a fraction in (0, 1]"),
+        ("--lock", all(tower in ("image", "text") for tower in args.lock or []), "image, text"),
     ]
     for flag, ok, allowed in checks:
         if not ok:
             value = getattr(args, flag[2:].replace("-", "_"))
+            value = " ".join(value) if isinstance(value, list) else value
             raise PlanArgumentError(f"{flag} {value}: allowed: {allowed}")
     if args.write_config and args.precision == "bf16":
         raise PlanArgumentError("--precision bf16 (bf16 weights) cannot be written as a run config: rayclip trains "
@@ -94,6 +99,8 @@ def resolve(args: argparse.Namespace) -> tuple[ModelSpec, dict[str, Any], RunCon
         "mfu": args.mfu,
         "compiled": args.compile or bool(base and base.model.compile),
         "samples": args.samples,
+        "locks": tuple(TowerLock(tower) for tower in dict.fromkeys(args.lock)) if args.lock else
+        (config_locks(base) if base and not args.model else ()),
     }
     return spec, chosen, base
 
@@ -103,6 +110,8 @@ def run_config_yaml(result: Plan, base: RunConfig | None, path: str) -> str:
     data = base.model_dump(mode="json", exclude={"data": {"batch_size", "image_size", "context_length"}}) if base else {}
     data.setdefault("model", {})["name"] = result.model
     data["model"]["grad_checkpointing"] = result.grad_checkpointing
+    for tower in ("image", "text"):
+        data["model"][f"lock_{tower}"] = any(locked.startswith(tower) for locked in result.locked)
     data.setdefault("deepspeed", {}).update(
         zero_stage=result.zero_stage, precision="bf16" if result.precision == "autocast" else "fp32",
         micro_batch_size=result.micro_batch, global_batch_size=result.global_batch, grad_accum_steps=1)
@@ -127,7 +136,9 @@ def format_plan(result: Plan) -> str:
     stages = result.memory_by_zero_stage_gib
     lines = [f"{result.model} on {result.gpus} x {result.gpu}, global batch {result.global_batch}, "
              f"precision {result.precision}, checkpointing {'on' if result.grad_checkpointing else 'off'}, "
-             f"micro-batch {result.micro_batch} x {result.accumulation_chunks} chunk(s)",
+             f"micro-batch {result.micro_batch} x {result.accumulation_chunks} chunk(s)"
+             + (f", locked: {', '.join(result.locked)} ({result.trainable_parameters / 1e6:.1f}M parameters train)"
+                if result.locked else ""),
              "", "per-GPU memory (GiB) by ZeRO stage" + " " * 13 + "".join(f"   ZeRO-{z}" for z in stages)]
     for term in result.per_gpu_memory_gib:
         lines.append(f"  {term:44s}" + "".join(f"{stages[z][term]:9.2f}" for z in stages))
@@ -138,7 +149,9 @@ def format_plan(result: Plan) -> str:
     for fit in result.gpu_fits:
         lines.append(f"  {fit.gpu:12s} {fit.largest_micro_batch:8d} {fit.micro_batch:6d} "
                      f"{fit.accumulation_chunks:7d} {fit.total_gib:7.2f}")
-    lines += ["", f"time: {result.flops_per_sample / 1e9:.1f} GFLOP per sample (3 x forward) at MFU "
+    counted = "3 x forward" + "".join(f"; the locked {tower}'s forward 1 x" for tower in result.locked
+                                      if tower in ("image", "text"))
+    lines += ["", f"time: {result.flops_per_sample / 1e9:.1f} GFLOP per sample ({counted}) at MFU "
               f"{result.mfu:.1%} ({result.mfu_source})",
               f"  compute {result.compute_s:.3f} s + ZeRO comm {result.zero_comm_s:.3f} s + feature gather "
               f"{result.feature_comm_s:.3f} s = step {result.step_time_s:.3f} s; {result.samples_per_s:,.0f} samples/s",

@@ -2,7 +2,7 @@
 
 Compute: training FLOPs per sample are 3 x the forward FLOPs of the image tower and of the text tower at
 the captions' length (``CAPTION_TOKENS``, as ``benchmarks/gpu_step.py`` counts them, so the project's
-measured MFU maps back onto time exactly). Gradient checkpointing adds one forward, and an accumulated step
+measured MFU maps back onto time exactly); a wholly locked tower runs its forward only (1 x instead of 3 x). Gradient checkpointing adds one forward, and an accumulated step
 (several chunks) one more: its feature pass without gradient. The default MFU is the project's own
 measurement for the model (``benchmarks/results/gpu_step_h100.jsonl``: DeepSpeed, bf16 autocast, eager or
 compiled as the run is), assumed to carry over to other GPU types as the same fraction of their peak.
@@ -14,7 +14,9 @@ also all-gathers the parameters for every chunk's forward and the feature pass (
 1e9-element reuse distance stays gathered through backward and recompute, see ``memory.py``; a larger one is
 gathered again for backward and for a checkpointed recompute). Under autocast DeepSpeed reduces matmul/conv gradients in bf16. The loss
 all-gathers the image and text features once per step and all-reduces their gradient (gloo has no
-reduce-scatter: ``orchestrator/collectives.py``). A ring moves (W-1)/W of a payload per rank, twice for an
+reduce-scatter: ``orchestrator/collectives.py``). With a locked tower (``memory.TowerLock``) only the
+trainable parameters' gradients are reduced and, under ZeRO 1/2, their updated values gathered (DeepSpeed
+flattens only the optimizer's parameters); ZeRO-3 gathers every parameter, locked or not. A ring moves (W-1)/W of a payload per rank, twice for an
 all-reduce, at NVLink speed inside a node and at the node's network bandwidth / GPUs per node across nodes.
 
 Overlap: ZeRO 0-2 communicate after or inside backward on the compute stream (rayclip leaves DeepSpeed's
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.plan.gpus import GpuType
-from orchestrator.plan.memory import MAX_LIVE_PARAMETERS, StepShape, parameter_counts
+from orchestrator.plan.memory import MAX_LIVE_PARAMETERS, StepShape
 
 CAPTION_TOKENS = 20  # a typical web caption with [SOS]/[EOS]; the text tower stops at the batch's longest
 DEFAULT_MFU = 0.15  # for a model the project has not measured: between its eager ViT-L/14 (19%) and RN50x64 (12%)
@@ -58,10 +60,11 @@ def measured_mfu(model: str, *, compiled: bool, path: Path = MEASUREMENTS) -> Me
     return MeasuredMfu(best["mfu"], f"{path.name}: {model} {how}, micro-batch {best['batch']} on an H100")
 
 
-def train_flops_per_sample(forward_flops: tuple[int, int]) -> float:
-    """3 x (image forward + text forward at ``CAPTION_TOKENS``): forward plus a backward of twice its cost."""
+def train_flops_per_sample(forward_flops: tuple[int, int], locked: frozenset[str] = frozenset()) -> float:
+    """3 x (image forward + text forward at ``CAPTION_TOKENS``): forward plus a backward of twice its cost;
+    a tower in ``locked`` ("image", "text": wholly locked) counts its forward alone."""
     image, text = forward_flops
-    return 3.0 * (image + text)
+    return (1.0 if "image" in locked else 3.0) * image + (1.0 if "text" in locked else 3.0) * text
 
 
 def compute_multiplier(shape: StepShape) -> float:
@@ -74,10 +77,11 @@ def collective_payloads(shape: StepShape) -> dict[str, int]:
     """Bytes per optimizer step and rank, by collective (see the module docstring); one rank: none."""
     if shape.world_size == 1:
         return {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
-    counts = parameter_counts(shape.spec)
+    counts = shape.counts
     wb = shape.weight_bytes
     low = 2 if shape.precision in ("autocast", "bf16") else 4
-    grads = counts.matmul * low + (counts.total - counts.matmul) * (2 if shape.precision == "bf16" else 4)
+    other = counts.trainable - counts.trainable_matmul
+    grads = counts.trainable_matmul * low + other * (2 if shape.precision == "bf16" else 4)
     z, chunks = shape.zero_stage, shape.chunks
     payload = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
     if z == 0:
@@ -85,7 +89,7 @@ def collective_payloads(shape: StepShape) -> dict[str, int]:
     else:
         payload["reduce_scatter"] += grads * (1 if z == 1 else chunks)
     if z in (1, 2):
-        payload["all_gather"] += counts.total * wb
+        payload["all_gather"] += counts.trainable * wb
     if z == 3:
         regathered = counts.total > MAX_LIVE_PARAMETERS
         passes = 1 + (1 + (1 if shape.grad_checkpointing else 0) if regathered else 0)

@@ -250,3 +250,54 @@ def test_elastic_chunks_are_the_planners_wherever_the_configured_micro_batch_fit
         micro, chunks = choose_micro_batch(cfg, workers, "h100")
         assert chunks == cfg.accumulation_chunks(workers), workers
         assert micro <= cfg.deepspeed.micro_batch_size
+
+
+def test_a_locked_tower_keeps_no_gradient_optimizer_state_or_activations():
+    """LiT's locked image tower: the state terms count the trainable parameters (as ``models.lock_tower``
+    leaves them), the tower keeps no activations, and its forward alone is counted in the FLOPs."""
+    from models import count_parameters, lock_tower
+    from models.flops import forward_flops
+    from orchestrator.plan import TowerLock, train_flops_per_sample
+
+    with torch.device("meta"):
+        model = CLIP(get_model_spec("ViT-L/14"))
+    lock_tower(model, "image")
+    trainable = count_parameters(model).total_trainable
+    locked = _shape(zero_stage=0, locks=(TowerLock("image"),))
+    counts = parameter_counts(locked.spec, locked.locks)
+    assert counts.trainable == trainable < counts.total / 2
+    whole, lit = estimate_memory(_shape(zero_stage=0)).terms, estimate_memory(locked).terms
+    assert lit["gradients"] == 4 * trainable and lit["optimizer state"] == 8 * trainable  # autocast: no fp32 master
+    assert lit["parameters"] == whole["parameters"]  # locked weights are still on the GPU
+    assert lit["activations: image tower"] == 0 < lit["activations: text tower"] == whole["activations: text tower"]
+    assert 0 < lit["autocast weight copies"] < whole["autocast weight copies"]
+    assert estimate_memory(locked).allocated < estimate_memory(_shape(zero_stage=0)).allocated
+    partly = estimate_memory(_shape(zero_stage=0, locks=(TowerLock("image", unlocked_layers=2),))).terms
+    assert partly["activations: image tower"] == whole["activations: image tower"]  # counted whole: an upper bound
+    assert lit["optimizer state"] < partly["optimizer state"] < whole["optimizer state"]
+    image, text = forward_flops(locked.spec)
+    assert train_flops_per_sample((image, text), frozenset({"image"})) == image + 3 * text
+
+
+def test_a_lit_config_fits_where_the_same_run_unlocked_does_not(tmp_path, capsys):
+    """The pretraining job's check and ``jobs/plan.py`` read ``model.lock_image`` from the config; the plan's
+    ``--write-config`` keeps the lock, and ``--lock image`` plans it without a config."""
+    def config(lock: bool) -> RunConfig:
+        return RunConfig.from_dict({"model": {"name": "ViT-L/14", "grad_checkpointing": False, "lock_image": lock},
+                                    "scaling": {"num_workers": 64, "use_gpu": True, "gpu_type": "a100-40gb"},
+                                    "deepspeed": {"precision": "bf16", "zero_stage": 0, "micro_batch_size": 160,
+                                                  "global_batch_size": 10240},
+                                    "schedule": {"warmup_steps": 10}})
+    assert memory_problems(config(False), None) and memory_problems(config(True), None) == []
+    assert plan_main(["--model", "ViT-L/14", "--gpus", "64", "--lock", "image", "--json"]) == 0
+    locked = json.loads(capsys.readouterr().out)
+    assert plan_main(["--model", "ViT-L/14", "--gpus", "64", "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert locked["locked"] == ["image"] and locked["trainable_parameters"] < whole["trainable_parameters"]
+    assert locked["step_time_s"] < whole["step_time_s"]
+    out = tmp_path / "lit.yaml"
+    assert plan_main(["--config", "configs/lit_vit_b32.yaml", "--gpus", "16", "--write-config", str(out)]) == 0
+    assert "locked: image" in capsys.readouterr().out
+    assert RunConfig.from_dict(yaml.safe_load(out.read_text())).model.lock_image
+    assert plan_main(["--model", "ViT-L/14", "--gpus", "8", "--lock", "vision"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --lock vision: allowed: image, text"

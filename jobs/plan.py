@@ -4,6 +4,7 @@
     python jobs/plan.py --config configs/rn50x64.yaml --gpu-type a100-80gb --json
     python jobs/plan.py --model ViT-L/14 --gpus 512 --write-config vit_l14_512.yaml
     python jobs/plan.py --config configs/lit_vit_b32.yaml --gpus 64     # LiT: the locked image tower trains nothing
+    python jobs/plan.py --model ViT-L/14 --gpus 256 --patch-dropout 0.5  # FLIP: half the patch tokens
 
 Every figure comes from ``orchestrator.plan``; the GPU and instance figures from its GPU table, the MFU
 from ``benchmarks/results/gpu_step_h100.jsonl`` unless --mfu is given.
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         spec, chosen, base = resolve(args)
         text_spec = get_model_spec(spec.name, context_length=CAPTION_TOKENS)
         locked = frozenset(lock.tower for lock in chosen["locks"] if lock.unlocked_layers == 0)
-        flops = train_flops_per_sample((forward_flops(spec)[0], forward_flops(text_spec)[1]), locked)
+        image_flops = forward_flops(spec, patch_dropout=chosen["patch_dropout"])[0]
+        flops = train_flops_per_sample((image_flops, forward_flops(text_spec)[1]), locked)
         result = plan(spec, flops_per_sample=flops, **chosen)
         if args.write_config:
             run_config_yaml(result, base, args.write_config)

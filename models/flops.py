@@ -14,10 +14,16 @@ from models.clip import CLIP
 from models.spec import ModelSpec
 
 
-def forward_flops(spec: ModelSpec) -> tuple[int, int]:
-    """(FLOPs of ``encode_image`` for one image, FLOPs of ``encode_text`` for one full-context caption)."""
+def forward_flops(spec: ModelSpec, patch_dropout: float = 0.0) -> tuple[int, int]:
+    """(FLOPs of ``encode_image`` for one image, FLOPs of ``encode_text`` for one full-context caption).
+
+    ``patch_dropout`` (ViT only): the image count of a training forward with FLIP's patch dropout, on the
+    tokens it keeps (what MFU counts as work done)."""
     with torch.device("meta"):
         model = CLIP(spec).eval()
+        if patch_dropout > 0:
+            model.set_patch_dropout(patch_dropout)
+            model.visual.train()  # patch dropout acts in training mode only
         images = torch.empty(1, 3, spec.vision.image_size, spec.vision.image_size)
         tokens = torch.zeros(1, spec.text.context_length, dtype=torch.long)
     tokens[:, -1] = spec.text.vocab_size - 1  # [EOS] in the last position: the full context runs

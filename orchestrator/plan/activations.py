@@ -14,7 +14,7 @@ rayclip's own modules (``models/transformer.py``, ``models/vit.py``, ``models/re
 
 Widths follow the precision: under autocast (fp32 weights) the residual stream and LayerNorm statistics
 are float32 while matmul inputs/outputs are the bf16 copies autocast makes; with bf16 weights everything
-is 2 bytes; fp32 everything 4. A unit test checks these counts against autograd's saved tensors.
+is 2 bytes; fp32 everything 4. A unit test checks these counts against autograd's saved tensors, also with patch dropout.
 """
 
 from __future__ import annotations
@@ -75,13 +75,24 @@ def transformer_stack(tokens: int, width: int, heads: int, layers: int, *, quick
     return TowerActivations(layers * tokens * width * widths.residual, block)
 
 
-def vit_tower(spec: ModelSpec, *, checkpointing: bool, widths: Widths) -> TowerActivations:
-    """The ViT: patch convolution's input copy, ``ln_pre``'s input, then the Transformer over patches + class token."""
+def kept_tokens(spec: ModelSpec, patch_dropout: float) -> int:
+    """Tokens the ViT's Transformer runs in training: the class token and the patches patch dropout keeps
+    (``models.vit``'s rule: round((1 - p) x patches), at least one)."""
+    patches = (spec.vision.image_size // spec.vision.patch_size) ** 2
+    return 1 + (max(1, round((1.0 - patch_dropout) * patches)) if patch_dropout > 0 else patches)
+
+
+def vit_tower(spec: ModelSpec, *, checkpointing: bool, widths: Widths, patch_dropout: float = 0.0) -> TowerActivations:
+    """The ViT: patch convolution's input copy, ``ln_pre``'s input, then the Transformer over patches + class
+    token; with FLIP's ``patch_dropout`` the kept tokens from ``ln_pre`` on, and what the token gather keeps."""
     vision = spec.vision
-    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    tokens = kept_tokens(spec, patch_dropout)
     pixels = 3 * vision.image_size**2
     cast_images = pixels * widths.matmul if widths.matmul != 4 else 0  # autocast's bf16 copy of the images
     stem = cast_images + tokens * vision.width * widths.matmul + tokens * 8  # ln_pre input and statistics
+    if patch_dropout > 0:  # the gather keeps its whole input (every token) and the argsort its int64 indices
+        patches = (vision.image_size // vision.patch_size) ** 2
+        stem += (patches + 1) * vision.width * widths.matmul + patches * 8
     stack = transformer_stack(tokens, vision.width, vision.heads, vision.layers, quick_gelu=spec.quick_gelu,
                               checkpointing=checkpointing, widths=widths)
     last = tokens * vision.width * widths.residual  # ln_post reads the class token, a view that keeps all tokens
@@ -131,7 +142,8 @@ def resnet_tower(spec: ModelSpec, *, checkpointing: bool, widths: Widths) -> Tow
     return TowerActivations(kept, largest if checkpointing else 0)
 
 
-def image_tower(spec: ModelSpec, *, checkpointing: bool, widths: Widths) -> TowerActivations:
-    """The image tower the spec names (``vision.kind``)."""
-    build = vit_tower if spec.vision.kind == "vit" else resnet_tower
-    return build(spec, checkpointing=checkpointing, widths=widths)
+def image_tower(spec: ModelSpec, *, checkpointing: bool, widths: Widths, patch_dropout: float = 0.0) -> TowerActivations:
+    """The image tower the spec names (``vision.kind``); ``patch_dropout`` applies to a ViT only."""
+    if spec.vision.kind == "vit":
+        return vit_tower(spec, checkpointing=checkpointing, widths=widths, patch_dropout=patch_dropout)
+    return resnet_tower(spec, checkpointing=checkpointing, widths=widths)

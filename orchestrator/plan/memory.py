@@ -123,6 +123,8 @@ class StepShape:
     overlap_comm: bool | None = None
     """DeepSpeed's default (None) is on for ZeRO-3 only."""
     locks: tuple[TowerLock, ...] = ()
+    patch_dropout: float = 0.0
+    """FLIP's share of patch tokens a ViT drops in training (``model.patch_dropout``)."""
 
     @property
     def counts(self) -> ParameterCounts:
@@ -204,11 +206,12 @@ def estimate_memory(shape: StepShape) -> MemoryEstimate:
     """The per-GPU memory of one step of ``shape``, by term (see the module docstring)."""
     spec, widths = shape.spec, Widths.of(shape.precision)
     counts = shape.counts
-    image = image_tower(spec, checkpointing=shape.grad_checkpointing, widths=widths)
+    image = image_tower(spec, checkpointing=shape.grad_checkpointing, widths=widths, patch_dropout=shape.patch_dropout)
     text = text_tower(spec, shape.tokens, checkpointing=shape.grad_checkpointing, widths=widths)
     locked_image_forward = 0
     if shape.wholly_locked("image"):
-        locked_image_forward = image_tower(spec, checkpointing=True, widths=widths).recompute_peak
+        locked_image_forward = image_tower(spec, checkpointing=True, widths=widths,
+                                           patch_dropout=shape.patch_dropout).recompute_peak
         image = TowerActivations(0, 0)
     if shape.wholly_locked("text"):  # runs after the image tower: its running block adds to what that keeps
         text = TowerActivations(0, text_tower(spec, shape.tokens, checkpointing=True, widths=widths).recompute_peak)
@@ -235,6 +238,8 @@ def _labels(shape: StepShape) -> dict[str, str]:
     tower = "ViT" if spec.vision.kind == "vit" else "ResNet"
     rows = min(shape.micro_batch, shape.worker_batch)
     image_ckpt = "locked" if shape.wholly_locked("image") else ckpt
+    if shape.patch_dropout:
+        image_ckpt += f", patch dropout {shape.patch_dropout:g}"
     text_ckpt = "locked" if shape.wholly_locked("text") else ckpt
     trainable = f" of {shape.counts.trainable / 1e6:.1f}M trainable parameters" if shape.locks else ""
     return {

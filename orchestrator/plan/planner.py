@@ -22,11 +22,13 @@ PAPER_SAMPLES = 12.8e9  # 32 epochs of 400M pairs (Radford et al. 2021)
 
 
 def shape_for(spec: ModelSpec, *, world_size: int, global_batch: int, micro_batch: int, zero_stage: int,
-              precision: Precision, grad_checkpointing: bool, locks: tuple[TowerLock, ...] = ()) -> StepShape:
+              precision: Precision, grad_checkpointing: bool, locks: tuple[TowerLock, ...] = (),
+              patch_dropout: float = 0.0) -> StepShape:
     """The step on the largest worker: its share of the global batch (ranks differ by at most one row)."""
     return StepShape(spec=spec, world_size=world_size, zero_stage=zero_stage, precision=precision,
                      micro_batch=micro_batch, worker_batch=math.ceil(global_batch / world_size),
-                     global_batch=global_batch, grad_checkpointing=grad_checkpointing, locks=locks)
+                     global_batch=global_batch, grad_checkpointing=grad_checkpointing, locks=locks,
+                     patch_dropout=patch_dropout)
 
 
 def config_locks(cfg: RunConfig) -> tuple[TowerLock, ...]:
@@ -86,6 +88,7 @@ class Plan:
     locked: list[str]
     """The locked towers, e.g. ["image"] or ["text (last 2 blocks unlocked)"]; [] trains both."""
     trainable_parameters: int
+    patch_dropout: float
     micro_batch: int
     accumulation_chunks: int
     per_gpu_memory_gib: dict[str, float]
@@ -118,17 +121,19 @@ def _gib(estimate: MemoryEstimate) -> dict[str, float]:
 def plan(spec: ModelSpec, *, gpus: int, gpu_type: str, global_batch: int, flops_per_sample: float,
          zero_stage: int = 1, precision: Precision = "autocast", grad_checkpointing: bool = True,
          micro_batch: int | None = None, mfu: float | None = None, compiled: bool = False,
-         samples: float = PAPER_SAMPLES, locks: tuple[TowerLock, ...] = ()) -> Plan:
+         samples: float = PAPER_SAMPLES, locks: tuple[TowerLock, ...] = (), patch_dropout: float = 0.0) -> Plan:
     """Plan a run of ``spec`` on ``gpus`` GPUs of ``gpu_type``; ``micro_batch=None`` takes the largest that fits.
 
     ``flops_per_sample`` is :func:`orchestrator.plan.timing.train_flops_per_sample` of the model library's
     forward FLOPs (``models.flops.forward_flops``); the caller passes it because ``models/__init__`` does not
-    export the FLOP counter to ``orchestrator``; with ``locks`` it counts a wholly locked tower's forward alone.
+    export the FLOP counter to ``orchestrator``; with ``locks`` it counts a wholly locked tower's forward alone,
+    with ``patch_dropout`` the image tower on the tokens it keeps (the same MFU is assumed on fewer tokens).
     Raises ValueError when not even one sample fits.
     """
     gpu = get_gpu_type(gpu_type)
     base = shape_for(spec, world_size=gpus, global_batch=global_batch, micro_batch=1, zero_stage=zero_stage,
-                     precision=precision, grad_checkpointing=grad_checkpointing, locks=locks)
+                     precision=precision, grad_checkpointing=grad_checkpointing, locks=locks,
+                     patch_dropout=patch_dropout)
     fits = [_fit(base, other) for other in GPU_TYPES.values()]
     if micro_batch is None:
         largest = largest_micro_batch(base, gpu)
@@ -149,7 +154,7 @@ def plan(spec: ModelSpec, *, gpus: int, gpu_type: str, global_batch: int, flops_
         precision=precision, grad_checkpointing=grad_checkpointing,
         locked=[lock.tower + (f" (last {lock.unlocked_layers} blocks unlocked)" if lock.unlocked_layers else "")
                 for lock in locks],
-        trainable_parameters=shape.counts.trainable, micro_batch=shape.micro_batch,
+        trainable_parameters=shape.counts.trainable, patch_dropout=patch_dropout, micro_batch=shape.micro_batch,
         accumulation_chunks=shape.chunks, per_gpu_memory_gib=_gib(estimate), memory_by_zero_stage_gib=by_stage,
         gpu_fits=fits, flops_per_sample=flops_per_sample, mfu=rate,
         mfu_source=chosen.source if chosen else "--mfu", compute_s=timing.compute_s, zero_comm_s=timing.zero_comm_s,
@@ -184,7 +189,7 @@ def config_shape(cfg: RunConfig, world_size: int) -> StepShape:
                      precision="autocast" if cfg.precision == "bf16" else "fp32",
                      micro_batch=cfg.deepspeed.micro_batch_size, worker_batch=max(cfg.worker_batch_sizes(world_size)),
                      global_batch=cfg.global_batch_size, grad_checkpointing=cfg.model.grad_checkpointing,
-                     locks=config_locks(cfg))
+                     locks=config_locks(cfg), patch_dropout=cfg.model.patch_dropout)
 
 
 def memory_problems(cfg: RunConfig, gpu_type: str | None) -> list[str]:

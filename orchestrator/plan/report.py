@@ -43,6 +43,8 @@ def parse_plan_args(argv: list[str] | None, description: str) -> argparse.Namesp
     parser.add_argument("--grad-checkpointing", help="on|off (default: --config's, else on)")
     parser.add_argument("--lock", action="append", metavar="TOWER", help="image|text: plan with that tower "
                         "locked whole (LiT; repeatable; default: --config's model.lock_image/lock_text)")
+    parser.add_argument("--patch-dropout", type=float, help="FLIP's share of patch tokens dropped, ViTs only "
+                        "(default: --config's model.patch_dropout, else 0)")
     parser.add_argument("--samples", type=float, default=PAPER_SAMPLES, help="samples to train (default 12.8e9)")
     parser.add_argument("--mfu", type=float, help="model FLOP utilisation (default: measured, benchmarks/results)")
     parser.add_argument("--compile", action="store_true", help="take the MFU measured with torch.compile")
@@ -67,6 +69,7 @@ def _check(args: argparse.Namespace) -> None:
         ("--samples", args.samples > 0, "a positive number, e.g. 12.8e9"),
         ("--mfu", args.mfu is None or 0 < args.mfu <= 1, "a fraction in (0, 1]"),
         ("--lock", all(tower in ("image", "text") for tower in args.lock or []), "image, text"),
+        ("--patch-dropout", args.patch_dropout is None or 0 <= args.patch_dropout < 1, "a share in [0, 1)"),
     ]
     for flag, ok, allowed in checks:
         if not ok:
@@ -101,7 +104,12 @@ def resolve(args: argparse.Namespace) -> tuple[ModelSpec, dict[str, Any], RunCon
         "samples": args.samples,
         "locks": tuple(TowerLock(tower) for tower in dict.fromkeys(args.lock)) if args.lock else
         (config_locks(base) if base and not args.model else ()),
+        "patch_dropout": args.patch_dropout if args.patch_dropout is not None else
+        (base.model.patch_dropout if base and not args.model else 0.0),
     }
+    if chosen["patch_dropout"] and spec.vision.kind != "vit":
+        raise PlanArgumentError(f"--patch-dropout {chosen['patch_dropout']}: {spec.name} has a {spec.vision.kind} image "
+                                "tower; allowed: 0 (patch dropout needs a ViT)")
     return spec, chosen, base
 
 
@@ -112,6 +120,7 @@ def run_config_yaml(result: Plan, base: RunConfig | None, path: str) -> str:
     data["model"]["grad_checkpointing"] = result.grad_checkpointing
     for tower in ("image", "text"):
         data["model"][f"lock_{tower}"] = any(locked.startswith(tower) for locked in result.locked)
+    data["model"]["patch_dropout"] = result.patch_dropout
     data.setdefault("deepspeed", {}).update(
         zero_stage=result.zero_stage, precision="bf16" if result.precision == "autocast" else "fp32",
         micro_batch_size=result.micro_batch, global_batch_size=result.global_batch, grad_accum_steps=1)
@@ -138,7 +147,8 @@ def format_plan(result: Plan) -> str:
              f"precision {result.precision}, checkpointing {'on' if result.grad_checkpointing else 'off'}, "
              f"micro-batch {result.micro_batch} x {result.accumulation_chunks} chunk(s)"
              + (f", locked: {', '.join(result.locked)} ({result.trainable_parameters / 1e6:.1f}M parameters train)"
-                if result.locked else ""),
+                if result.locked else "")
+             + (f", patch dropout {result.patch_dropout:g}" if result.patch_dropout else ""),
              "", "per-GPU memory (GiB) by ZeRO stage" + " " * 13 + "".join(f"   ZeRO-{z}" for z in stages)]
     for term in result.per_gpu_memory_gib:
         lines.append(f"  {term:44s}" + "".join(f"{stages[z][term]:9.2f}" for z in stages))
@@ -149,7 +159,7 @@ def format_plan(result: Plan) -> str:
     for fit in result.gpu_fits:
         lines.append(f"  {fit.gpu:12s} {fit.largest_micro_batch:8d} {fit.micro_batch:6d} "
                      f"{fit.accumulation_chunks:7d} {fit.total_gib:7.2f}")
-    counted = "3 x forward" + "".join(f"; the locked {tower}'s forward 1 x" for tower in result.locked
+    counted = "3 x forward" + (" on the kept patches" if result.patch_dropout else "") + "".join(f"; the locked {tower}'s forward 1 x" for tower in result.locked
                                       if tower in ("image", "text"))
     lines += ["", f"time: {result.flops_per_sample / 1e9:.1f} GFLOP per sample ({counted}) at MFU "
               f"{result.mfu:.1%} ({result.mfu_source})",

@@ -82,14 +82,18 @@ def test_activations_scale_with_the_micro_batch_and_nothing_else():
     assert large["parameters"] == small["parameters"] and large["loss logits"] == small["loss logits"]
 
 
-@pytest.mark.parametrize("name, checkpointing", [("ViT-tiny", False), ("ViT-tiny", True), ("RN-tiny", False),
-                                                  ("RN-tiny", True), ("ViT-B/32", False)])
-def test_activation_bytes_match_what_autograd_saves(name, checkpointing):
-    """fp32 on CPU: the bytes of every distinct storage autograd saves (weights excluded) vs the formula."""
+@pytest.mark.parametrize("name, checkpointing, patch_dropout", [
+    ("ViT-tiny", False, 0.0), ("ViT-tiny", True, 0.0), ("RN-tiny", False, 0.0), ("RN-tiny", True, 0.0),
+    ("ViT-B/32", False, 0.0), ("ViT-B/32", False, 0.5), ("ViT-tiny", True, 0.75),
+])
+def test_activation_bytes_match_what_autograd_saves(name, checkpointing, patch_dropout):
+    """fp32 on CPU: the bytes of every distinct storage autograd saves (weights excluded) vs the formula,
+    also for a training forward with FLIP's patch dropout."""
     spec = get_model_spec(name)
     torch.manual_seed(0)
     model = CLIP(spec)
     model.set_grad_checkpointing(checkpointing, checkpointing)
+    model.set_patch_dropout(patch_dropout)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -106,7 +110,8 @@ def test_activation_bytes_match_what_autograd_saves(name, checkpointing):
     widths = Widths.of("fp32")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model.encode_image(images)
-    predicted = rows * image_tower(spec, checkpointing=checkpointing, widths=widths).kept + images.nbytes
+    predicted = rows * image_tower(spec, checkpointing=checkpointing, widths=widths, patch_dropout=patch_dropout).kept
+    predicted += images.nbytes
     assert sum(saved.values()) == pytest.approx(predicted, rel=0.08)
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -301,3 +306,36 @@ def test_a_lit_config_fits_where_the_same_run_unlocked_does_not(tmp_path, capsys
     assert RunConfig.from_dict(yaml.safe_load(out.read_text())).model.lock_image
     assert plan_main(["--model", "ViT-L/14", "--gpus", "8", "--lock", "vision"]) == 2
     assert capsys.readouterr().err.strip() == "error: --lock vision: allowed: image, text"
+
+
+def test_patch_dropout_plans_fewer_flops_and_activations_and_is_kept_in_the_written_config(tmp_path, capsys):
+    """FLIP: the image tower's FLOPs (counted on the kept tokens) and activations fall, so the step is shorter
+    and a larger micro-batch fits; the pretraining job's check reads ``model.patch_dropout``; ResNets refuse it."""
+    from models.flops import forward_flops
+
+    spec = get_model_spec("ViT-L/14")
+    assert forward_flops(spec, patch_dropout=0.5)[0] < 0.55 * forward_flops(spec)[0]
+    assert forward_flops(spec, patch_dropout=0.5)[1] == forward_flops(spec)[1]
+    terms, dropped = _terms(), _terms(patch_dropout=0.5)
+    assert 0.45 < dropped["activations: image tower"] / terms["activations: image tower"] < 0.55
+    assert dropped["activations: text tower"] == terms["activations: text tower"]
+    results = {}
+    for share in ("0", "0.5"):
+        assert plan_main(["--model", "ViT-L/14", "--gpus", "256", "--gpu-type", "a100-40gb", "--grad-checkpointing",
+                          "off", "--global-batch", "131072", "--patch-dropout", share, "--json"]) == 0
+        results[share] = json.loads(capsys.readouterr().out)
+    assert results["0.5"]["step_time_s"] < 0.75 * results["0"]["step_time_s"]
+    fits = {share: next(f for f in r["gpu_fits"] if f["gpu"] == "A100 40GB")["largest_micro_batch"]
+            for share, r in results.items()}
+    assert fits["0.5"] > 1.5 * fits["0"]
+    cfg = _config(micro_batch_size=fits["0"] + 32, global_batch_size=32768)
+    cfg.scaling.gpu_type = "a100-40gb"
+    assert memory_problems(cfg, None)
+    cfg.model.patch_dropout = 0.5
+    assert memory_problems(cfg, None) == []
+    out = tmp_path / "flip.yaml"
+    assert plan_main(["--config", "configs/vit_l14.yaml", "--patch-dropout", "0.5", "--write-config", str(out)]) == 0
+    assert "patch dropout 0.5" in capsys.readouterr().out
+    assert RunConfig.from_dict(yaml.safe_load(out.read_text())).model.patch_dropout == 0.5
+    assert plan_main(["--model", "RN50", "--gpus", "8", "--patch-dropout", "0.5"]) == 2
+    assert "RN50 has a resnet image tower; allowed: 0" in capsys.readouterr().err

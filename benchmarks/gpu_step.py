@@ -4,13 +4,17 @@ Runs torch + DeepSpeed in one process without Ray (the GPU machines have no Ray)
 loss and weight-decay groups as the Ray Train workers. A step is forward, ClipLoss, backward, gradient
 clipping and a fused AdamW update on fp32 master weights (DeepSpeed bf16). MFU counts model FLOPs only:
 3 x forward FLOPs of the image tower at its resolution plus the text tower at the captions' actual length
-(gradient checkpointing's recomputation is not counted), against the GPU's dense bf16 peak.
+(gradient checkpointing's recomputation is not counted), against the GPU's dense bf16 peak. With FLIP's
+``--patch-dropout`` the image tower's FLOPs are counted on the tokens it keeps (the work actually done);
+``--loss siglip`` trains with SigLIP's sigmoid loss and learnable bias instead of CLIP's.
 
 A golden check rides along: over the timed steps on one fixed batch the loss must fall (an engine that
 does not learn fails loudly, whatever its speed).
 
     python benchmarks/gpu_step.py                                # both models, ZeRO-1, 10 timed steps
     python benchmarks/gpu_step.py --models ViT-L/14 --batch 256 --compile
+    python benchmarks/gpu_step.py --models ViT-L/14 --patch-dropout 0.5     # FLIP: half the patch tokens
+    python benchmarks/gpu_step.py --models ViT-L/14 --loss siglip
 """
 
 from __future__ import annotations
@@ -26,10 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from models import create_model, get_model_spec  # noqa: E402
-from models.clip import weight_decay_groups  # noqa: E402
+from models import CLIP, ClipLoss, SigLipLoss, get_model_spec, siglip_spec, weight_decay_groups  # noqa: E402
 from models.flops import forward_flops  # noqa: E402
-from models.loss import ClipLoss  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -59,8 +61,10 @@ def init_single_process_group() -> None:
 
 def build_model_and_optimizer(name: str, args):
     torch.manual_seed(0)
+    spec = siglip_spec(get_model_spec(name)) if args.loss == "siglip" else get_model_spec(name)
     with torch.device("cuda"):  # initialise on the GPU: seconds instead of a minute of CPU randn for RN50x64
-        model = create_model(name)
+        model = CLIP(spec)
+    model.set_patch_dropout(args.patch_dropout)  # training mode only, as in the worker
     if args.checkpointing:
         model.set_grad_checkpointing(vision=True, text=True)
     vit = get_model_spec(name).vision.kind == "vit"
@@ -89,13 +93,12 @@ def deepspeed_step(name: str, batch: int, args):
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     if args.compile:
         engine.compile()
-    loss_fn = ClipLoss()
+    loss_fn = make_loss(args)
 
     def step(images, tokens):
         if args.precision == "autocast":
             images = images.float()
-        image_features, text_features, scale = engine(images, tokens)
-        loss = loss_fn(image_features.float(), text_features.float(), scale.float())
+        loss = loss_fn(*(output.float() for output in engine(images, tokens)))
         engine.backward(loss)
         engine.step()
         return loss.detach()
@@ -107,12 +110,12 @@ def plain_step(name: str, batch: int, args):
     """The same step without DeepSpeed (fp32 weights, bf16 autocast): the baseline for DeepSpeed's overhead."""
     model, optimizer = build_model_and_optimizer(name, args)
     forward = torch.compile(model) if args.compile else model
-    loss_fn = ClipLoss()
+    loss_fn = make_loss(args)
 
     def step(images, tokens):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            image_features, text_features, scale = forward(images.float(), tokens)
-        loss = loss_fn(image_features.float(), text_features.float(), scale.float())
+            outputs = forward(images.float(), tokens)
+        loss = loss_fn(*(output.float() for output in outputs))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
@@ -120,6 +123,11 @@ def plain_step(name: str, batch: int, args):
         return loss.detach()
 
     return step
+
+
+def make_loss(args):
+    """CLIP's softmax loss, or SigLIP's sigmoid loss (the model then also returns its bias)."""
+    return SigLipLoss() if args.loss == "siglip" else ClipLoss()
 
 
 def print_profile(step, images, tokens) -> None:
@@ -143,8 +151,8 @@ def synthetic_batch(name: str, batch: int):
     return images, tokens
 
 
-def train_flops_per_sample(name: str) -> float:
-    image, _ = forward_flops(get_model_spec(name))
+def train_flops_per_sample(name: str, patch_dropout: float = 0.0) -> float:
+    image, _ = forward_flops(get_model_spec(name), patch_dropout=patch_dropout)
     _, text = forward_flops(get_model_spec(name, context_length=CAPTION_TOKENS))
     return 3.0 * (image + text)
 
@@ -179,9 +187,11 @@ def measure(name: str, args, peak: float) -> dict:
         "compile": args.compile,
         "deepspeed": not args.plain,
         "precision": "autocast" if args.plain else args.precision,
+        "patch_dropout": args.patch_dropout,
+        "loss": args.loss,
         "step_s": round(seconds, 4),
         "samples_per_s": round(samples_per_s, 1),
-        "mfu": round(samples_per_s * train_flops_per_sample(name) / peak, 4),
+        "mfu": round(samples_per_s * train_flops_per_sample(name, args.patch_dropout) / peak, 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "warmup_s": round(warmup_s, 1),
         "loss_first": round(losses[0], 4),
@@ -206,6 +216,8 @@ def main() -> None:
         help="DeepSpeed torch_autocast (fp32 weights, bf16 compute; what training uses) or DeepSpeed bf16 "
         "(bf16 weights, fp32 master copy: 1.54x slower on ViT-L/14 here)",
     )
+    parser.add_argument("--patch-dropout", type=float, default=0.0, help="FLIP's share of patch tokens dropped (ViTs)")
+    parser.add_argument("--loss", default="clip", choices=("clip", "siglip"))
     parser.add_argument("--plain", action="store_true", help="baseline without DeepSpeed: autocast bf16 + fused AdamW")
     parser.add_argument("--profile", action="store_true", help="print the 15 costliest GPU ops of two steps")
     parser.add_argument("--warmup", type=int, default=3)

@@ -79,7 +79,9 @@ def synthetic_batch(cfg: RunConfig, batch: int, device: torch.device):
 
 
 def build_worker(cfg: RunConfig) -> Worker:
+    """The worker's engine and loss (``loss.kind``), with ``model.patch_dropout`` on as the loop sets it in training."""
     engine = build_engine(cfg, build_model(cfg), world_size=1)
+    engine.module.set_patch_dropout(cfg.model.patch_dropout)
     return Worker(cfg, rank=0, world_size=1, engine=engine, state=TrainState(), tracker=PrintingTracker())
 
 

@@ -40,7 +40,7 @@ def cpu_rows(folder: str) -> list[dict]:
         predicted = estimate_memory(shape).allocated
         rows.append({"where": "cpu, 2 gloo workers", "model": "ViT-tiny", "micro_batch": shape.micro_batch,
                      "zero_stage": zero_stage, "grad_checkpointing": checkpointing, "precision": "fp32",
-                     "locked": lock or "none",
+                     "recipe": f"{lock} tower locked" if lock else "none",
                      "bucket": bucket or "default 5e8", "predicted_mib": round(predicted / 2**20, 1),
                      "measured_mib": round(result["peak_bytes"] / 2**20, 1),
                      "ratio": round(predicted / result["peak_bytes"], 3)})
@@ -57,11 +57,13 @@ def gpu_rows() -> list[dict]:
         precision = "autocast" if row.get("precision") == "autocast" else "bf16"  # rows without it: bf16 weights
         shape = StepShape(spec=get_model_spec(row["model"]), world_size=1, zero_stage=row["zero_stage"],
                           precision=precision, micro_batch=row["batch"], worker_batch=row["batch"],
-                          global_batch=row["batch"], grad_checkpointing=row["grad_checkpointing"], text_tokens=20)
+                          global_batch=row["batch"], grad_checkpointing=row["grad_checkpointing"], text_tokens=20,
+                          patch_dropout=row.get("patch_dropout", 0.0))
         predicted = estimate_memory(shape).allocated / GIB
         rows.append({"where": row["device"],
                      "model": row["model"], "micro_batch": row["batch"], "zero_stage": row["zero_stage"],
                      "grad_checkpointing": row["grad_checkpointing"], "precision": precision,
+                     "recipe": f"patch dropout {row['patch_dropout']}" if row.get("patch_dropout") else "none",
                      "predicted_gib": round(predicted, 2), "measured_gib": row["peak_mem_gib"],
                      "ratio": round(predicted / row["peak_mem_gib"], 3)})
         print(_line(rows[-1], "gib"), flush=True)
@@ -71,7 +73,7 @@ def gpu_rows() -> list[dict]:
 def _line(row: dict, unit: str) -> str:
     return (f"{row['where']:34s} {row['model']:9s} micro {row['micro_batch']:4d} ZeRO-{row['zero_stage']} "
             f"ckpt {'on ' if row['grad_checkpointing'] else 'off'} {row['precision']:8s} "
-            f"{'locked ' + row['locked'] if row.get('locked', 'none') != 'none' else '':12s} predicted "
+            f"{row['recipe'] if row['recipe'] != 'none' else '':18s} predicted "
             f"{row['predicted_' + unit]:8.2f} measured {row['measured_' + unit]:8.2f} {unit.upper()}  ratio {row['ratio']:.3f}")
 
 

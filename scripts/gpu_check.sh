@@ -19,3 +19,10 @@ python3 benchmarks/gpu_step.py --models ViT-L/14 --precision autocast --steps 6 
 python3 benchmarks/gpu_step.py --models ViT-L/14 --precision autocast --batch 256 --compile --steps 6 --json "$results"
 python3 benchmarks/gpu_step.py --models RN50x64 --precision autocast --steps 6 --json "$results"
 python3 benchmarks/gpu_step.py --models ViT-L/14 --plain --batch 256 --compile --steps 6 --json "$results"
+# The recipes: SigLIP with FLIP's patch dropout through the worker's code (bf16 autocast, ZeRO-1), then each one's
+# ViT-L/14 step against the first ViT-L/14 autocast step above (MFU counted on the tokens patch dropout keeps).
+python3 benchmarks/gpu_train_path.py --config configs/vit_l14.yaml --micro-batch 64 --steps 10 \
+    --set loss.kind=siglip --set model.patch_dropout=0.5 --json "${OUT:-/tmp}/gpu_train_path.jsonl"
+python3 benchmarks/gpu_step.py --models ViT-L/14 --precision autocast --patch-dropout 0.5 --steps 6 --json "$results"
+python3 benchmarks/gpu_step.py --models ViT-L/14 --precision autocast --patch-dropout 0.5 --batch 256 --steps 6 --json "$results"
+python3 benchmarks/gpu_step.py --models ViT-L/14 --precision autocast --loss siglip --steps 6 --json "$results"

@@ -49,10 +49,11 @@ class MeasuredMfu:
 
 
 def measured_mfu(model: str, *, compiled: bool, path: Path = MEASUREMENTS) -> MeasuredMfu:
-    """The best MFU the project measured for ``model`` under DeepSpeed + autocast (eager or compiled), else the default."""
+    """The best MFU the project measured for ``model`` under DeepSpeed + autocast (eager or compiled) with CLIP's
+    loss and every patch token, else the default."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     matching = [r for r in rows if r["model"] == model and r.get("deepspeed") and r.get("precision") == "autocast"
-                and r["compile"] == compiled]
+                and r["compile"] == compiled and not r.get("patch_dropout") and r.get("loss", "clip") == "clip"]
     if not matching:
         return MeasuredMfu(DEFAULT_MFU, f"default {DEFAULT_MFU:.0%} (no measurement of {model} in {path.name})")
     best = max(matching, key=lambda r: r["mfu"])

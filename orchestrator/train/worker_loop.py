@@ -72,7 +72,11 @@ class Worker:
     resize: Resize | None = None
     """Set when this worker group resumed a checkpoint of another worker count, until its first step."""
     loss: Any = None
-    """The run's loss across ranks (``contrastive_loss``: CLIP's or SigLIP's)."""
+    """The run's loss across ranks (``contrastive_loss``: CLIP's or SigLIP's); None takes ``cfg.loss.kind``'s."""
+
+    def __post_init__(self) -> None:
+        if self.loss is None:
+            self.loss = contrastive_loss(self.cfg.loss.kind)
 
     @property
     def is_chief(self) -> bool:
@@ -121,8 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger.info("%d workers%s: DeepSpeed ZeRO-%d engine built (%s, global batch %d = %s)", world_size, elastic,
                     cfg.deepspeed.zero_stage, cfg.precision, cfg.global_batch_size, cfg.describe_batch_plan(world_size))
     state = _restore_or_start(cfg, engine, checkpoint, rank, context.get_local_rank(), world_size)
-    worker = Worker(cfg, rank, world_size, engine, state, evaluation=InLoopEvaluation(cfg),
-                    loss=contrastive_loss(cfg.loss.kind))
+    worker = Worker(cfg, rank, world_size, engine, state, evaluation=InLoopEvaluation(cfg))
     worker.tracker = _start_tracking(worker, parameters)
     if resized:
         worker.resize = _note_resize(worker, saved_world_size)

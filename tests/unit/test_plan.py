@@ -134,7 +134,8 @@ def test_the_largest_micro_batch_fits_and_one_more_does_not():
 def test_the_h100_peaks_measured_by_gpu_step_are_predicted_within_20_percent(row):
     shape = StepShape(spec=get_model_spec(row["model"]), world_size=1, zero_stage=row["zero_stage"],
                       precision="autocast", micro_batch=row["batch"], worker_batch=row["batch"],
-                      global_batch=row["batch"], grad_checkpointing=row["grad_checkpointing"], text_tokens=20)
+                      global_batch=row["batch"], grad_checkpointing=row["grad_checkpointing"], text_tokens=20,
+                      patch_dropout=row.get("patch_dropout", 0.0))
     assert estimate_memory(shape).allocated / GIB == pytest.approx(row["peak_mem_gib"], rel=0.2)
 
 

@@ -14,6 +14,7 @@ from models.registry import PAPER_MODELS, create_model, get_model_spec, list_mod
 from models.spec import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, ModelSpec, TextSpec, VisionSpec, siglip_spec
 from models.tokenizer import get_tokenizer
 from models.transforms import channels_last_batch_to_model, image_transform, normalize_images
+from models.vit import kept_patch_count
 from models.zero_shot import IMAGENET_TEMPLATES, build_zero_shot_classifier, imagenet_classes, retrieval_recall
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "get_tokenizer",
     "image_transform",
     "imagenet_classes",
+    "kept_patch_count",
     "list_models",
     "lock_tower",
     "load_openai_checkpoint",

@@ -26,6 +26,12 @@ def check_patch_dropout(fraction: float) -> float:
     return float(fraction)
 
 
+def kept_patch_count(patches: int, fraction: float) -> int:
+    """Patch tokens an image keeps in training under patch dropout ``fraction``: round((1 - p) * patches), at
+    least one (all of them at 0)."""
+    return max(1, round((1.0 - fraction) * patches))
+
+
 class VisionTransformer(nn.Module):
     def __init__(
         self,
@@ -55,8 +61,8 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def kept_patches(self, patches: int) -> int:
-        """Patch tokens each image keeps in training mode: round((1 - p) * patches), at least one."""
-        return max(1, round((1.0 - self.patch_dropout) * patches))
+        """Patch tokens each image keeps in training mode (:func:`kept_patch_count`)."""
+        return kept_patch_count(patches, self.patch_dropout)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.conv1(images)  # (B, D, g, g)

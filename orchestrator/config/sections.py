@@ -99,6 +99,13 @@ class ModelConfig(ConfigSection):
             raise ValueError("; ".join(problems))
         return self
 
+    @property
+    def tower_locks(self) -> list[tuple[Literal["image", "text"], int]]:
+        """(tower, unlocked_layers) of each tower ``lock_image``/``lock_text`` lock, image first."""
+        wanted = [("image", self.lock_image, self.lock_image_unlocked_layers),
+                  ("text", self.lock_text, self.lock_text_unlocked_layers)]
+        return [(tower, unlocked) for tower, locked, unlocked in wanted if locked]
+
     def spec(self):
         """The ``ModelSpec`` this section describes (registry entry plus overrides)."""
         return get_model_spec(

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from models import ModelSpec
+from models import ModelSpec, kept_patch_count
 
 Precision = Literal["autocast", "bf16", "fp32"]
 PRECISIONS: tuple[Precision, ...] = ("autocast", "bf16", "fp32")
@@ -75,23 +75,16 @@ def transformer_stack(tokens: int, width: int, heads: int, layers: int, *, quick
     return TowerActivations(layers * tokens * width * widths.residual, block)
 
 
-def kept_tokens(spec: ModelSpec, patch_dropout: float) -> int:
-    """Tokens the ViT's Transformer runs in training: the class token and the patches patch dropout keeps
-    (``models.vit``'s rule: round((1 - p) x patches), at least one)."""
-    patches = (spec.vision.image_size // spec.vision.patch_size) ** 2
-    return 1 + (max(1, round((1.0 - patch_dropout) * patches)) if patch_dropout > 0 else patches)
-
-
 def vit_tower(spec: ModelSpec, *, checkpointing: bool, widths: Widths, patch_dropout: float = 0.0) -> TowerActivations:
     """The ViT: patch convolution's input copy, ``ln_pre``'s input, then the Transformer over patches + class
     token; with FLIP's ``patch_dropout`` the kept tokens from ``ln_pre`` on, and what the token gather keeps."""
     vision = spec.vision
-    tokens = kept_tokens(spec, patch_dropout)
+    patches = (vision.image_size // vision.patch_size) ** 2
+    tokens = 1 + kept_patch_count(patches, patch_dropout)  # the class token and the patches the Transformer runs
     pixels = 3 * vision.image_size**2
     cast_images = pixels * widths.matmul if widths.matmul != 4 else 0  # autocast's bf16 copy of the images
     stem = cast_images + tokens * vision.width * widths.matmul + tokens * 8  # ln_pre input and statistics
     if patch_dropout > 0:  # the gather keeps its whole input (every token) and the argsort its int64 indices
-        patches = (vision.image_size // vision.patch_size) ** 2
         stem += (patches + 1) * vision.width * widths.matmul + patches * 8
     stack = transformer_stack(tokens, vision.width, vision.heads, vision.layers, quick_gelu=spec.quick_gelu,
                               checkpointing=checkpointing, widths=widths)

@@ -33,9 +33,7 @@ def shape_for(spec: ModelSpec, *, world_size: int, global_batch: int, micro_batc
 
 def config_locks(cfg: RunConfig) -> tuple[TowerLock, ...]:
     """The towers ``cfg`` locks (``model.lock_image``/``lock_text`` with their unlocked layers)."""
-    m = cfg.model
-    wanted = [("image", m.lock_image, m.lock_image_unlocked_layers), ("text", m.lock_text, m.lock_text_unlocked_layers)]
-    return tuple(TowerLock(tower, unlocked, m.lock_norm_params) for tower, locked, unlocked in wanted if locked)
+    return tuple(TowerLock(tower, unlocked, cfg.model.lock_norm_params) for tower, unlocked in cfg.model.tower_locks)
 
 
 def largest_micro_batch(shape: StepShape, gpu: GpuType) -> int:

@@ -50,13 +50,10 @@ def build_model(cfg: RunConfig) -> CLIP:
         description = load_initial_weights(model, cfg)
         if first_rank:
             logger.info("%s", description)
-    locks = [("image", cfg.model.lock_image, cfg.model.lock_image_unlocked_layers),
-             ("text", cfg.model.lock_text, cfg.model.lock_text_unlocked_layers)]
-    for tower, locked, unlocked_layers in locks:
-        if locked:
-            lock_tower(model, tower, unlocked_layers, norm_stats=cfg.model.lock_norm_stats,
-                       norm_params=cfg.model.lock_norm_params)
-    if first_rank and (cfg.model.lock_image or cfg.model.lock_text):
+    for tower, unlocked_layers in cfg.model.tower_locks:
+        lock_tower(model, tower, unlocked_layers, norm_stats=cfg.model.lock_norm_stats,
+                   norm_params=cfg.model.lock_norm_params)
+    if first_rank and cfg.model.tower_locks:
         logger.info("towers locked: %s", count_parameters(model).describe())
     return model
 

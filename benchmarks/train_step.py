@@ -93,12 +93,14 @@ class _RandomInitNotice(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
+_RANDOM_INIT_NOTICE = _RandomInitNotice()
+
+
 def open_clips(name: str):
     import open_clip
     from open_clip.loss import ClipLoss as OpenClipLoss
 
-    logging.getLogger().addFilter(_RandomInitNotice())  # open_clip logs it on the root logger
-
+    logging.getLogger().addFilter(_RANDOM_INIT_NOTICE)  # open_clip logs it on the root logger (added once)
     model = open_clip.create_model(OPEN_CLIP_NAMES[name], pretrained=None).train()
     loss_fn = OpenClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.2)
@@ -125,11 +127,8 @@ def compare(name: str, batch: int, steps: int) -> float:
     longest = int((tokens != 0).sum(dim=1).max())
     steps_of = {"open_clip": open_clips(name), "rayclip": ours(name)}
     median = alternate({key: lambda step=step: step(images, tokens) for key, step in steps_of.items()}, steps)
-    for key in steps_of:
-        print(f"  {key:9s} {batch / median[key]:6.2f} samples/s  ({median[key]:.2f} s/step, median of {steps})")
-    ratio = median["open_clip"] / median["rayclip"]
-    print(f"  {name} batch {batch} (longest caption {longest} tokens of 77): rayclip / open_clip = {ratio:.2f}x")
-    return ratio
+    median = {"rayclip": median["rayclip"], "open_clip": median["open_clip"]}  # the contender first, as report reads
+    return report(median, batch, steps, f"{name} batch {batch} (longest caption {longest} tokens of 77)")
 
 
 def patch_dropout(batch: int, fraction: float, steps: int) -> float:

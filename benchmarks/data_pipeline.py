@@ -26,19 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stream_watch import consume_watched
 
-from stream_watch import consume_watched  # noqa: E402
-
-from orchestrator import storage  # noqa: E402
-from orchestrator.data import (  # noqa: E402
+from orchestrator import storage
+from orchestrator.data import (
     DataConfig,
     DecodeAugmentTokenize,
     RawSample,
@@ -47,7 +44,7 @@ from orchestrator.data import (  # noqa: E402
     decode_image,
     stream_shard,
 )
-from orchestrator.data import ShardOptions, SourceRecord, captioned_folder_records, prepare_shards  # noqa: E402
+from orchestrator.data import ShardOptions, SourceRecord, captioned_folder_records, prepare_shards
 
 PHOTOS = Path("/usr/share/backgrounds/mate/nature")
 STAMPS = "/usr/share/tuxpaint/stamps"

@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shard_memory import add_member, unique_copy  # noqa: E402  (the same JPEG-copy and tar-member helpers)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,7 +303,6 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between memory samples")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "eval_memory.jsonl"))
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     layout = write_set(workdir, images=args.images, shards=args.shards, templates=args.templates)

@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from models import CLIP, ClipLoss, SigLipLoss, get_model_spec, siglip_spec, weight_decay_groups  # noqa: E402
-from models.flops import forward_flops  # noqa: E402
+from models import CLIP, ClipLoss, SigLipLoss, get_model_spec, siglip_spec, weight_decay_groups
+from models.flops import forward_flops
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
@@ -226,7 +223,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also append results as JSON lines here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/gpu_step.py needs a CUDA GPU (run it through the device tool)")
+        raise SystemExit("benchmarks/gpu_step.py needs a CUDA GPU (scripts/gpu_check.sh runs it on a GPU machine)")
     torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.cuda.get_device_name()
     peak = peak_flops(device, args.peak_tflops)

@@ -4,7 +4,7 @@ CPU: 2 gloo workers train ViT-tiny (micro-batch 32, fp32) under ZeRO 1/2/3 with 
 checkpointing, DeepSpeed's buckets at 1e6 elements, plus ZeRO-1 with DeepSpeed's default 5e8-element bucket
 and LiT-style runs with a locked tower (image or text, ZeRO 1/2/3; the ZeRO-1 and ZeRO-3 CPU peaks move by up
 to 20 MB between identical runs, cause not found, so read those rows as noisy);
-the peak is the allocator-level one of ``orchestrator.plan.measure``. GPU: every row of
+the peak is the allocator-level one of ``harness.measure`` (the cases are ``harness.plan_cases``). GPU: every row of
 ``benchmarks/results/gpu_step_h100.jsonl`` run eagerly through DeepSpeed (``torch.compile`` changes what is
 saved, and the plain-PyTorch baseline has no ZeRO optimizer: the planner models neither), predicted peak vs ``peak_mem_gib`` (its step time at the measured MFU would be
 circular). Rows go to ``benchmarks/results/plan_check.jsonl``.
@@ -15,16 +15,13 @@ circular). Rows go to ``benchmarks/results/plan_check.jsonl``.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models import get_model_spec  # noqa: E402
-from orchestrator.plan import GIB, StepShape, estimate_memory  # noqa: E402
-from orchestrator.plan.timing import MEASUREMENTS  # noqa: E402
-from tests.integration.test_plan_measured import BUCKET, measured, predicted_shape  # noqa: E402
+from harness.plan_cases import BUCKET, measured, predicted_shape
+from models import get_model_spec
+from orchestrator.plan import GIB, StepShape, estimate_memory
+from orchestrator.plan.timing import MEASUREMENTS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "plan_check.jsonl"
 

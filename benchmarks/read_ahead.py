@@ -26,18 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from stream_watch import consume_watched
 
-from stream_watch import consume_watched  # noqa: E402
-
-from orchestrator import storage  # noqa: E402
-from orchestrator.data import (  # noqa: E402
+from orchestrator import storage
+from orchestrator.data import (
     DataConfig,
     DecodeAugmentTokenize,
     ShardOptions,

@@ -124,7 +124,6 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("HOW", "TAR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        sys.path.insert(0, str(ROOT))
         print(json.dumps(measure_read(args.child[1], args.child[0], args.block_samples)))
         return
     scratch = Path(tempfile.mkdtemp(prefix="rayclip-shard-memory-"))

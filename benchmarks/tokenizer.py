@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from itertools import accumulate
 from pathlib import Path
@@ -24,7 +23,6 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.tokenizer import CLIPTokenizer, get_tokenizer
 from models.zero_shot import IMAGENET_TEMPLATES
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from models import ClipLoss, SigLipLoss, create_model, get_tokenizer  # noqa: E402
+from models import ClipLoss, SigLipLoss, create_model, get_tokenizer
 
 OPEN_CLIP_NAMES = {"ViT-B/32": "ViT-B-32-quickgelu", "RN50": "RN50-quickgelu", "ViT-B/16": "ViT-B-16-quickgelu"}
 DEFAULT_BATCH = {"ViT-B/32": 16, "RN50": 8, "ViT-B/16": 8}

@@ -1,1 +1,1 @@
-"""Thin command-line entry points: parse, build, run, report. Everything testable lives in orchestrator/ and models/."""
+"""Thin command-line entry points: parse (``jobs.cli``), build, run, report. Everything testable lives in orchestrator/ and models/."""

@@ -9,40 +9,43 @@ is then evaluated as a user would, with ``jobs/evaluate.py``; the last line is `
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-
-from jobs import evaluate, prepare_data  # noqa: E402
-from orchestrator.config import load_config, resolve_local_paths  # noqa: E402
-from orchestrator.logs import setup_logging  # noqa: E402
-from orchestrator.train import build_trainer, check_inputs, describe_result, init_ray, name_run  # noqa: E402
+from jobs import evaluate, prepare_data
+from jobs.cli import fail, parse_demo_args
+from orchestrator import noise
+from orchestrator.config import ConfigError, load_config, resolve_local_paths
+from orchestrator.logs import setup_logging
+from orchestrator.train import conclude, prepare_run, start_and_fit
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    args = parser.parse_args(argv)
+    args = parse_demo_args(argv, __doc__)
     started = time.monotonic()
     log = setup_logging()
-    cfg = name_run(resolve_local_paths(load_config(None, args.overrides), os.getcwd()))
+    noise.install(noise.DRIVER)
+    cfg = resolve_local_paths(load_config(None, args.overrides), os.getcwd())
     if not os.path.exists(os.path.join(cfg.data.shards, "manifest.json")):
         log.info("preparing Fashion-MNIST shards in %s", cfg.data.shards)
-        prepare_data.main(["--input", "fashion-mnist", "--output", cfg.data.shards, "--shard-size", "2000"])
-    check_inputs(cfg)
+        if prepare_data.main(["--input", "fashion-mnist", "--output", cfg.data.shards, "--shard-size", "2000"]):
+            return 2
+    try:
+        cfg = prepare_run(cfg)
+    except (ConfigError, OSError, ValueError) as error:  # one line, before Ray starts
+        return fail(error)
     import ray
 
-    init_ray(cfg)
     try:
-        result = build_trainer(cfg).fit()
-        print(describe_result(cfg, result))
-        results = os.path.join(os.path.dirname(cfg.checkpoint.storage_path), "eval", f"{cfg.name}.json")
-        status = evaluate.main(["--model", result.checkpoint.path, "--data", f"heldout={cfg.data.shards}",
-                                "--output", results, "--set", f"tracking.uri={cfg.tracking.uri}"])
+        outcome = start_and_fit(cfg)
+        lines, status = conclude(cfg, outcome)
+        print("\n".join(lines))
+        if status == 0:
+            results = os.path.join(os.path.dirname(cfg.checkpoint.storage_path), "eval", f"{cfg.name}.json")
+            status = evaluate.main(["--model", outcome.result.checkpoint.path, "--data", f"heldout={cfg.data.shards}",
+                                    "--output", results, "--set", f"tracking.uri={cfg.tracking.uri}"])
     finally:
         ray.shutdown()
     print(f"demo wall time: {time.monotonic() - started:.0f} s (shards, Ray start-up, training, evaluation)")

@@ -13,17 +13,18 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-
-from orchestrator.config import ConfigError, load_config, output_base_dir, resolve_local_paths  # noqa: E402
-from orchestrator.eval import EvalSetError, ModelSourceError, parse_evaluate_args, prepare, run_evaluation  # noqa: E402
-from orchestrator.logs import setup_logging  # noqa: E402
+from jobs.cli import fail, parse_evaluate_args
+from orchestrator import noise
+from orchestrator.config import ConfigError, load_config, output_base_dir, resolve_local_paths
+from orchestrator.eval import EvalSetError, ModelSourceError, prepare, run_evaluation
+from orchestrator.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    options, args = parse_evaluate_args(argv, description=__doc__)
+    options, args = parse_evaluate_args(argv, __doc__)
     setup_logging()
-    try:  # every input is checked before Ray starts
+    noise.install(noise.DRIVER)
+    try:  # every input is checked before Ray starts; a mistake is one line naming the file or field, exit 2
         cfg = resolve_local_paths(load_config(args.config, args.overrides), os.getcwd(), output_base_dir())
         loaded, sets = prepare(options, cfg)
     except (ConfigError, EvalSetError, ModelSourceError, OSError, ValueError) as error:
@@ -36,11 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     return 0
-
-
-def fail(error: Exception) -> int:
-    print(f"error: {error}", file=sys.stderr)  # one line naming the file or field, no traceback
-    return 2
 
 
 if __name__ == "__main__":

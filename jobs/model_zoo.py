@@ -5,21 +5,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
-
-import torch  # noqa: E402
-
-from models import create_model, get_model_spec, list_models  # noqa: E402
-from models.flops import forward_flops  # noqa: E402
-from models.tokenizer import get_tokenizer  # noqa: E402
+from jobs.cli import parse_no_args
+from models import create_model, forward_flops, get_model_spec, get_tokenizer, list_models
 
 SAMPLE_CAPTIONS = ["a diagram", "a dog", "A photo of a T-shirt/top.", "Café crème &amp; croissant 🥐 — “breakfast”"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parse_no_args(argv, __doc__)
     print(f"{'model':16s} {'tower':6s} {'params':>13s} {'res':>4s} {'GFLOPs/image':>13s} {'GFLOPs/text':>12s}")
     for name in list_models():
         spec = get_model_spec(name)

@@ -12,40 +12,21 @@ from ``benchmarks/results/gpu_step_h100.jsonl`` unless --mfu is given.
 
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-
-from models import get_model_spec  # noqa: E402
-from models.flops import forward_flops  # noqa: E402
-from orchestrator.plan import plan, train_flops_per_sample  # noqa: E402
-from orchestrator.plan.report import (  # noqa: E402
-    config_error_types,
-    format_plan,
-    parse_plan_args,
-    resolve,
-    run_config_yaml,
-    to_json,
-)
-from orchestrator.plan.timing import CAPTION_TOKENS  # noqa: E402
+from jobs.cli import fail, parse_plan_args
+from orchestrator.plan import config_error_types, format_plan, plan_request, run_config_yaml, to_json
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = parse_plan_args(argv, __doc__)
-        spec, chosen, base = resolve(args)
-        text_spec = get_model_spec(spec.name, context_length=CAPTION_TOKENS)
-        locked = frozenset(lock.tower for lock in chosen["locks"] if lock.unlocked_layers == 0)
-        image_flops = forward_flops(spec, patch_dropout=chosen["patch_dropout"])[0]
-        flops = train_flops_per_sample((image_flops, forward_flops(text_spec)[1]), locked)
-        result = plan(spec, flops_per_sample=flops, **chosen)
-        if args.write_config:
-            run_config_yaml(result, base, args.write_config)
+        request, as_json = parse_plan_args(argv, __doc__)
+        result, base = plan_request(request)
+        if request.write_config:
+            run_config_yaml(result, base, request.write_config)
     except config_error_types() as error:  # a flag or config mistake: one line, exit 2
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(to_json(result) if args.json else format_plan(result))
+        return fail(error)
+    print(to_json(result) if as_json else format_plan(result))
     return 0
 
 

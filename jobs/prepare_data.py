@@ -12,54 +12,37 @@ beside them (or to --output, a folder or .json file, when the bucket is read-onl
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-
-from orchestrator.data import ShardOptions, index_shards, prepare_dataset  # noqa: E402
-from orchestrator.logs import setup_logging  # noqa: E402
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--input", help="captioned folder, table (.csv/.jsonl/.parquet) or 'fashion-mnist'")
-    what.add_argument("--index", nargs="+", metavar="SHARDS", help="shards to count: folders, prefixes, brace patterns")
-    parser.add_argument("--output", help="folder or s3://bucket/prefix (bucket must exist); --index: manifest place")
-    parser.add_argument("--shard-size", type=int, default=10_000, help="samples per shard")
-    parser.add_argument("--max-side", type=int, default=256, help="cap on the longest side (aspect kept)")
-    parser.add_argument("--image-format", default="jpg", choices=["jpg", "png", "webp"])
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="shard tasks in flight")
-    parser.add_argument("--s3-endpoint-url", default=None, help="MinIO/moto endpoint; keys come from the AWS chain")
-    parser.add_argument("--image-column", default="image", help="table column with the image path or s3:// URL")
-    parser.add_argument("--caption-column", default="caption", help="table column with the caption")
-    parser.add_argument("--caption-key", default=None, help="--index: caption from this KEY.json field (data.caption_key)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N inputs (fashion-mnist: per split)")
-    args = parser.parse_args(argv)
-    if args.input and not args.output:
-        parser.error("--input needs --output")
-    return args
+from jobs.cli import fail, parse_prepare_args
+from orchestrator import noise
+from orchestrator.data import ShardOptions, index_shards, prepare_dataset
+from orchestrator.logs import setup_logging
+from orchestrator.storage import StorageError
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_prepare_args(argv, __doc__)
     setup_logging()
-    if args.index:
-        spec = args.index if len(args.index) > 1 else args.index[0]
-        for location, manifest in index_shards(spec, output=args.output, endpoint_url=args.s3_endpoint_url,
-                                               caption_key=args.caption_key, workers=args.workers).items():
-            print(f"{location}: {len(manifest.shards)} shards, {manifest.total_samples} samples, "
-                  f"{manifest.total_failed} failed")
-        return
-    options = ShardOptions(shard_size=args.shard_size, max_side=args.max_side, image_format=args.image_format)
-    manifests = prepare_dataset(args.input, args.output, options, endpoint_url=args.s3_endpoint_url,
-                                workers=args.workers, image_column=args.image_column,
-                                caption_column=args.caption_column, limit=args.limit)
-    for manifest in manifests:
-        print(f"{len(manifest.shards)} shards, {manifest.total_samples} samples, {manifest.total_failed} failed")
+    noise.install(noise.DRIVER)
+    try:  # every path, column and bucket is checked before Ray starts
+        if args.index:
+            spec = args.index if len(args.index) > 1 else args.index[0]
+            for location, manifest in index_shards(spec, output=args.output, endpoint_url=args.s3_endpoint_url,
+                                                   caption_key=args.caption_key, workers=args.workers).items():
+                print(f"{location}: {len(manifest.shards)} shards, {manifest.total_samples} samples, "
+                      f"{manifest.total_failed} failed")
+        else:
+            options = ShardOptions(shard_size=args.shard_size, max_side=args.max_side, image_format=args.image_format)
+            for manifest in prepare_dataset(args.input, args.output, options, endpoint_url=args.s3_endpoint_url,
+                                            workers=args.workers, image_column=args.image_column,
+                                            caption_column=args.caption_column, limit=args.limit):
+                print(f"{len(manifest.shards)} shards, {manifest.total_samples} samples, "
+                      f"{manifest.total_failed} failed")
+    except (OSError, ValueError, StorageError) as error:  # a path, column or bucket that cannot be used
+        return fail(f"{'--index: ' if args.index else ''}{error}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,27 +10,21 @@ the best trial's config is written as YAML that ``jobs/pretrain.py --config`` ru
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
-
-from orchestrator.config import ConfigError, load_config, output_base_dir, resolve_local_paths  # noqa: E402
-from orchestrator.logs import setup_logging  # noqa: E402
-from orchestrator.train import check_inputs, init_ray  # noqa: E402
-from orchestrator.tune import format_table, name_search, run_search, summarize  # noqa: E402
-
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tune_local.yaml")
+from jobs.cli import fail, parse_tune_args
+from orchestrator import noise
+from orchestrator.config import ConfigError, load_config, output_base_dir, resolve_local_paths
+from orchestrator.logs import setup_logging
+from orchestrator.train import check_inputs, init_ray
+from orchestrator.tune import format_table, name_search, run_search, summarize
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="tune config YAML (default: configs/tune_local.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    parser.add_argument("--resume", metavar="SEARCH_NAME", help="continue this search (its saved config is used)")
-    args = parser.parse_args(argv)
+    args = parse_tune_args(argv, __doc__)
     setup_logging()
+    noise.install(noise.DRIVER)
     try:
         outputs = output_base_dir()
         cfg = resolve_local_paths(load_config(args.config, args.overrides), os.getcwd(), outputs)
@@ -39,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         search = name_search(cfg, args.resume)
         check_inputs(search.cfg)
     except (ConfigError, OSError, ValueError) as error:  # a config or input mistake: one line, exit 2
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
     import ray
 
     init_ray(search.cfg, runs_at_once=search.cfg.tune.max_concurrent_trials)

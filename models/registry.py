@@ -6,9 +6,12 @@ The image tower is chosen by the explicit ``VisionSpec.kind`` field, never infer
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from models.clip import CLIP
 from models.spec import ModelSpec, TextSpec, VisionSpec
+
+if TYPE_CHECKING:
+    from models.clip import CLIP
 
 
 def _resnet(name, embed_dim, image_size, layers, width, text_width, text_heads) -> ModelSpec:
@@ -92,6 +95,8 @@ def create_model(
     quick_gelu: bool | None = None,
 ) -> CLIP:
     """Build a randomly initialised CLIP of a registered architecture (OpenAI's initialisation)."""
+    from models.clip import CLIP  # torch, imported only where a model is built
+
     return CLIP(get_model_spec(name, image_size=image_size, context_length=context_length, quick_gelu=quick_gelu))
 
 

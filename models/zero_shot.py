@@ -100,6 +100,22 @@ IMAGENET_TEMPLATES = (
 )
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
+TextFeatures = Callable[[list[str]], torch.Tensor]
+
+
+def zero_shot_class_embeddings(text_features: TextFeatures, classnames: Sequence[str],
+                               templates: Sequence[str]) -> torch.Tensor:
+    """(n_classes, embed_dim) classifier rows: the paper's prompt ensemble, written once.
+
+    Every class name goes through every template (class-major); ``text_features`` maps those prompts, in
+    order, to their L2-normalised (n_prompts, embed_dim) features (batched and placed however the caller
+    runs its text tower). Each class's prompt embeddings are averaged over templates and renormalised.
+    """
+    if not classnames or not templates:
+        raise ValueError("zero-shot classification needs at least one class name and one template")
+    prompts = [template.format(name) for name in classnames for template in templates]  # class-major
+    per_template = text_features(prompts).view(len(classnames), len(templates), -1)  # (C, T, E)
+    return F.normalize(per_template.mean(dim=1), dim=-1)  # (C, E)
 
 
 @torch.no_grad()
@@ -113,18 +129,19 @@ def build_zero_shot_classifier(
     """(embed_dim, n_classes) matrix of normalised, template-averaged class embeddings.
 
     ``model`` is anything with ``encode_text(tokens)`` (a :class:`models.CLIP`). Texts are encoded in
-    batches of ``batch_size`` on the device of the model's parameters.
+    batches of ``batch_size`` on the device of the model's parameters; the ensemble is
+    :func:`zero_shot_class_embeddings`.
     """
-    if not classnames or not templates:
-        raise ValueError("zero-shot classification needs at least one class name and one template")
     device = next(model.parameters()).device
-    texts = [template.format(name) for name in classnames for template in templates]  # class-major
-    features = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start : start + batch_size]).to(device)
-        features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    per_template = torch.cat(features).view(len(classnames), len(templates), -1)  # (C, T, E)
-    return F.normalize(per_template.mean(dim=1), dim=-1).T  # (E, C)
+
+    def text_features(texts: list[str]) -> torch.Tensor:
+        features = []
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(texts[start : start + batch_size]).to(device)
+            features.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+        return torch.cat(features)
+
+    return zero_shot_class_embeddings(text_features, classnames, templates).T  # (E, C)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:

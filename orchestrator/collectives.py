@@ -72,3 +72,12 @@ def gather_objects_to_chief(value):
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(value, gathered, dst=0)
     return gathered
+
+
+def broadcast_from_chief(value):
+    """Rank 0's picklable ``value`` on every rank (``value`` itself without a process group)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -12,7 +12,6 @@ import contextlib
 import io
 import logging
 import sys
-import warnings
 from collections.abc import Iterator
 
 ROOT = "rayclip"
@@ -29,6 +28,16 @@ class _RayclipHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, _value) -> None:
         pass
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``7 min 5 s`` or ``3 h 20 min``: an ETA a person reads at a glance."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -80,29 +89,6 @@ def without_printed_lines(*prefixes: str) -> Iterator[None]:
         for line in buffer.getvalue().splitlines():
             if not line.startswith(prefixes):
                 sys.stdout.write(line + "\n")
-
-
-def quiet_ray_driver() -> None:
-    """Before a driver starts a local Ray: its notice that token auth is on (Ray's default since 2.59)."""
-    drop_records("ray._private.authentication.authentication_token_setup", "Token authentication is enabled for this")
-
-
-def quiet_ray_process() -> None:
-    """Ray's ``worker_process_setup_hook`` on a cluster rayclip starts: lines of Ray's own actors that
-    tell a user nothing to act on, silenced by their message (everything else still shows)."""
-    drop_records("ray.data._internal.progress", "Progress bars disabled")  # the demo turns them off on purpose
-    # Ray Train's cleaner says so each time a run's controller is gone (every trial of a search ends that way).
-    drop_records("ray.train.v2._internal.execution.controller.placement_group_cleaner",
-                 "Detected that the Ray Train controller actor")
-    # Ray Data's own DatasetManager sets the option it deprecates (Ray 2.60).
-    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
-
-
-# Lines Ray's C++ core and raylet print in every run, about Ray's own actors and worker pool, that a user
-# cannot act on: an actor whose constructor arguments live in the object store may not restart (ray #53727;
-# Ray Train's and Ray Data's internal actors), and a 2-core laptop starting more Python workers than cores.
-RAY_NOISE = ("has constructor arguments in the object store and max_restarts > 0",
-             "PYTHON worker processes have been started on node")
 
 
 def drop_forwarded_lines(*fragments: str) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks, run through the device tool (torch + DeepSpeed, no Ray): installs the carried wheels in
-# .whl/ (DeepSpeed and the few packages the GPU image lacks), then benchmarks/gpu_train_path.py and
+# The GPU checks on one GPU machine (torch + DeepSpeed in one process, no Ray): installs any wheels in
+# .whl/ first (DeepSpeed and the few packages a GPU image may lack), then benchmarks/gpu_train_path.py and
 # benchmarks/gpu_step.py variants.
 # Results go to $OUT/gpu_step.jsonl when $OUT is set.
 set -uo pipefail
@@ -9,6 +9,9 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
+# rayclip is not pip-installed on the GPU machine: its packages come from this checkout (the benchmarks
+# edit no sys.path).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 DS_BUILD_OPS=0
 results="${OUT:-/tmp}/gpu_step.jsonl"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.local_servers import free_port, stop, wait_until_serving
+from harness.local_servers import free_port, stop, wait_until_serving
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")  # Debian tuxpaint-stamps-default
 VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rayclip" / "img2dataset-venv"

@@ -99,3 +99,4 @@ def resolve_local_paths(cfg: RunConfig, base_dir: str | os.PathLike,
             if eval_set[field] and "://" not in eval_set[field] and not os.path.isabs(eval_set[field]):
                 eval_set[field] = str(base / eval_set[field])
     return RunConfig.from_dict(data)
+

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from orchestrator.batch_split import balanced_micro_batch, worker_shares
 from orchestrator.config.data import DataConfig
 from orchestrator.config.tune import TuneSection, metric_of_task, set_dotted
 from orchestrator.config.sections import (
@@ -99,22 +100,22 @@ class RunConfig(ConfigSection):
         With a fixed global batch (an elastic range, or ``deepspeed.global_batch_size``; checked for every
         count) enough chunks of at most ``micro_batch_size`` for the largest worker's share, else
         ``grad_accum_steps`` (a fixed worker count's batch grows with the workers, e.g. ``--resume`` on another
-        count)."""
+        count). The rule is ``orchestrator.batch_split.balanced_micro_batch``, the planner's too."""
         deepspeed = self.deepspeed
         if not self._fixed_global_batch:
             return deepspeed.grad_accum_steps
-        return _ceil_div(max(self.worker_batch_sizes(world_size)), deepspeed.micro_batch_size)
+        return balanced_micro_batch(max(self.worker_batch_sizes(world_size)), deepspeed.micro_batch_size)[1]
 
     def worker_batch_sizes(self, world_size: int) -> list[int]:
         """Samples each of ``world_size`` workers trains on per step, by rank.
 
-        A fixed global batch is split as evenly as it goes: ranks below ``global % world_size`` take one
-        sample more (the loss weights each rank by its share, so the step is still the global-batch one).
+        A fixed global batch is split as evenly as it goes (``orchestrator.batch_split.worker_shares``): ranks
+        below ``global % world_size`` take one sample more (the loss weights each rank by its share, so the
+        step is still the global-batch one).
         """
         if not self._fixed_global_batch:
             return [self.deepspeed.grad_accum_steps * self.deepspeed.micro_batch_size] * world_size
-        base, extra = divmod(self.global_batch_size, world_size)
-        return [base + (rank < extra) for rank in range(world_size)]
+        return worker_shares(self.global_batch_size, world_size)
 
     def worker_batch_size(self, world_size: int, rank: int) -> int:
         """Samples worker ``rank`` of ``world_size`` trains on per step."""
@@ -199,11 +200,12 @@ def _batch_plan_problems(cfg: RunConfig) -> list[str]:
                   f"{deepspeed.grad_accum_steps} x {scaling.max_workers} workers)")
     else:
         source = f"deepspeed.global_batch_size={total}"
-        implied = _ceil_div(_ceil_div(total, scaling.max_workers), deepspeed.micro_batch_size)
+        implied = _chunks(total, scaling.max_workers, deepspeed.micro_batch_size)
         if deepspeed.grad_accum_steps not in (1, implied):
             return [f"deepspeed.grad_accum_steps={deepspeed.grad_accum_steps} disagrees with {source}: the chunks "
                     f"follow from it ({implied} at {scaling.max_workers} workers); allowed: 1 (unset) or {implied}"]
-    failing = [n for n in scaling.worker_counts if total // n < _ceil_div(_ceil_div(total, n), deepspeed.micro_batch_size)]
+    failing = [n for n in scaling.worker_counts
+               if min(worker_shares(total, n)) < _chunks(total, n, deepspeed.micro_batch_size)]
     if not failing:
         return []
     if deepspeed.micro_batch_size == 1:  # one-sample chunks: a worker one sample short runs out of chunks
@@ -216,8 +218,8 @@ def _batch_plan_problems(cfg: RunConfig) -> list[str]:
             f"share needs); allowed: {allowed}"]
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+def _chunks(global_batch: int, world_size: int, micro_batch: int) -> int:
+    return balanced_micro_batch(max(worker_shares(global_batch, world_size)), micro_batch)[1]
 
 
 def _plain(value) -> str:

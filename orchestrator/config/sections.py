@@ -34,10 +34,9 @@ class ModelConfig(ConfigSection):
     grad_checkpointing: bool = False
     """Recompute residual blocks in backward: less activation memory for ~30% more compute (paper: on)."""
     compile: bool = False
-    """``torch.compile`` the model inside the DeepSpeed engine. The first steps pay the compilation
-    (about a minute for ViT-L/14 on an H100; text lengths vary per batch, so one dynamic-shape recompile
-    follows). ViT-L/14, bf16 autocast, one H100: 377 samples/s eager at micro-batch 128, 716 compiled at
-    micro-batch 256 (``benchmarks/results/gpu_step_h100.jsonl``)."""
+    """``torch.compile`` the model inside the DeepSpeed engine. The first steps pay the compilation (text
+    lengths vary per batch, so one dynamic-shape recompile follows); compiled steps need less memory, so a
+    larger micro-batch may fit. Measured speed: docs/benchmarks.md."""
     init_from: str | None = None
     """Start from these weights instead of a random initialisation: an OpenAI-layout ``.pt`` (OpenAI's released
     TorchScript file or state dict, or a rayclip export ``openai_model.pt``), or a rayclip run name, run folder
@@ -244,7 +243,12 @@ class CheckpointConfig(ConfigSection):
     num_to_keep: int | None = Field(default=2, gt=0)
     """Most recent checkpoints kept in storage; null keeps all."""
     max_failures: int = Field(default=3, ge=-1)
-    """Worker or node failures survived by restarting from the latest checkpoint (-1: unlimited)."""
+    """Worker or node failures survived by restarting from the latest intact checkpoint (-1: unlimited). Errors a
+    restart cannot heal (bad data over the error budget, a full disk, a damaged checkpoint with nothing intact
+    before it, a diverging loss) stop the run at once instead."""
+    stop_timeout_s: float = Field(default=300.0, gt=0)
+    """On Ctrl-C (or SIGTERM) the job saves a checkpoint at the next step and stops; past this many seconds it
+    stops without one (the run resumes from its last checkpoint)."""
     audit_sample_ids: bool = False
     """Keep every consumed sample id in the checkpoints, to prove a resumed run repeats and skips no
     data. Grows with the run: for tests and small runs."""
@@ -270,6 +274,16 @@ class TrackingConfig(ConfigSection):
     """Log training metrics every N optimizer steps."""
     system_metrics: bool = False
     """Let MLflow sample CPU/GPU/memory utilisation on rank 0's node."""
+    required: bool = True
+    """Check before Ray starts that the tracking store answers, and refuse to start when it does not (exit 2);
+    false trains even so, and everything logged waits for the store until the run ends."""
+    flush_timeout_s: float = Field(default=300.0, ge=0)
+    """At the end of a run, how long to wait for a store that does not answer before the run ends with what
+    could not be sent kept in ``<run folder>/mlflow_unsent.jsonl``. While the run trains, nothing waits: writes
+    are kept and retried in the background."""
+    run_id: str | None = None
+    """The MLflow run this run logs to; ``jobs/pretrain.py`` creates it before Ray starts (null: rank 0 creates
+    one)."""
 
 
 EVAL_TASKS = ("zeroshot", "retrieval", "linear-probe", "contrastive-loss")
@@ -350,6 +364,10 @@ class EvalConfig(ConfigSection):
     """Evaluate the held-out split on its first N images only (quick checks); null uses all."""
     batch_size: int = Field(default=500, gt=0)
     """Images per forward pass and worker during evaluation."""
+    keep_decoded_mb: int = Field(default=1024, ge=0)
+    """In-loop evaluation: each worker keeps its share of every set decoded (uint8 pixels at the model's
+    resolution) between evaluations, up to this many MB per worker over all sets, so that later evaluations
+    skip reading and decoding. A share that does not fit is decoded every time. 0: never kept."""
 
     @field_validator("templates")
     @classmethod

@@ -15,7 +15,8 @@ from orchestrator import storage
 from orchestrator.data.manifest import MANIFEST_NAME, Manifest, ShardEntry, write_manifest
 from orchestrator.data.shardsets import find_shards, split_url
 from orchestrator.data.webdataset import ShardRead, stream_shard
-from orchestrator.logs import get_logger, quiet_ray_driver
+from orchestrator import noise
+from orchestrator.logs import get_logger
 
 logger = get_logger("data")
 
@@ -29,7 +30,7 @@ def count_shard(url: str, endpoint_url: str | None, caption_key: str | None, ret
                           caption_key=caption_key, retries=retries, backoff_s=0.5):
         pass
     return {"url": url, "samples": read.yielded, "failed": sum(read.errors.values()),
-            "problem": read.error if read.skipped else ("damaged part-way" if read.truncated else None)}
+            "problem": read.error if read.skipped or read.truncated else None}
 
 
 def _manifest_location(output: str | None, folder: str, endpoint_url: str | None) -> storage.Location:
@@ -43,16 +44,16 @@ def index_shards(spec: str | list[str], *, output: str | None = None, endpoint_u
                  caption_key: str | None = None, workers: int = 4, retries: int = 3) -> dict[str, Manifest]:
     """Count every shard of ``spec`` in parallel on Ray and write the manifest(s); returns them by location.
 
-    Joins the running Ray (or starts a local one for the call). A shard that cannot be read is left out
-    of the manifest and named in the log (it would otherwise be planned with a count of zero).
+    Joins the running Ray (or starts a local one for the call). A shard that cannot be read (no tar, or
+    nothing readable before the damage) is left out of the manifest and named in the log (it would otherwise
+    be planned with a count of zero); a tar cut short part-way is counted up to the cut and named in the log.
     """
     import ray
 
     urls, _ = find_shards(spec, endpoint_url, use_manifest=False)
     started_ray = not ray.is_initialized()
     if started_ray:
-        quiet_ray_driver()
-        ray.init(logging_level="WARNING")
+        ray.init(logging_level=noise.level_for("ray"))
     try:
         results = _count_all(urls, endpoint_url, caption_key, workers, retries)
     finally:
@@ -86,6 +87,10 @@ def _write_manifests(spec, urls: list[str], results: list[dict], output: str | N
     unreadable = [r for r in results if r["problem"] and r["samples"] == 0]
     for result in unreadable:
         logger.warning("left out of the manifest: %s (%s)", result["url"], result["problem"])
+    for result in results:
+        if result["problem"] and result["samples"]:
+            logger.warning("damaged: %s (%s); the manifest counts the %d samples before the damage", result["url"],
+                           result["problem"], result["samples"])
     by_url = {r["url"]: r for r in results if r not in unreadable}
     groups: dict[str, list[ShardEntry]] = {}
     for url in urls:  # listing order, so the manifest reads like the folder

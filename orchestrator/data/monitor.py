@@ -14,8 +14,13 @@ from typing import Any
 
 from orchestrator.data.position import StreamProgress
 from orchestrator.data.visits import VisitTable
+from orchestrator.failures import CannotHeal
 
 SAMPLE_ERRORS = ("missing_caption", "missing_image", "bad_json", "decode_error")
+SAMPLE_ERROR_WORDS = {"decode_error": ("undecodable image", "undecodable images"),
+                      "missing_caption": ("without caption", "without caption"),
+                      "missing_image": ("without image", "without image"),
+                      "bad_json": ("with unreadable JSON", "with unreadable JSON")}
 
 RATE_INTERVAL_S = 5.0  # how often the consumption rate behind the read-ahead window is measured
 STALL_S = 2.0  # without consumption for this long, the read-ahead bound lets one more shard be read
@@ -23,7 +28,7 @@ STALL_S = 2.0  # without consumption for this long, the read-ahead bound lets on
 MONITOR_NAMESPACE = "rayclip-data"  # explicit, so Train workers and Data actors find the monitor by name
 
 
-class DataErrorBudgetExceeded(RuntimeError):
+class DataErrorBudgetExceeded(CannotHeal, RuntimeError):
     """Too many bad samples or lost shards in one epoch; the message names the shards at fault."""
 
 
@@ -159,7 +164,7 @@ class DataStreamMonitor:
             self.rate_mark = (now, total)
 
     def _charge(self, epoch: int, shard_name: str, kind: str, count: int, detail: str | None = None) -> None:
-        if count <= 0:
+        if count <= 0 and detail is None:  # a damaged shard is named even where it lost nothing
             return
         self.counters[kind] += count
         self.bad_by_epoch[epoch] += count
@@ -211,6 +216,38 @@ class DataStreamMonitor:
             if done_epoch >= epoch:
                 completed[done_epoch].add(self.shard_names[shard])
         return StreamProgress(epoch, {e: frozenset(names) for e, names in completed.items()})
+
+
+def _counted(count: int, singular: str, plural: str | None = None) -> str:
+    return f"{count:,} {singular if count == 1 else plural or singular + 's'}"
+
+
+def data_health_line(counters: dict[str, float]) -> str | None:
+    """One line for people on what the stream skipped, lost or found miscounted; None where the data was clean.
+
+    ``counters`` are :func:`stream_counters` (:meth:`DataStreamMonitor.get_counters`), with or without the
+    ``data/`` prefix of their MLflow names, e.g. ``data: 14 bad samples skipped (12 undecodable images, 2 without
+    caption); 250 samples lost to shards cut short (1 read); 2,000 samples in unreadable shards (1 read); 1 shard
+    read off the listed count (-12 samples)``.
+    """
+    count = Counter({name.removeprefix("data/"): int(value) for name, value in counters.items()})
+    parts = []
+    bad = sorted((kind for kind in SAMPLE_ERROR_WORDS if count[kind]), key=lambda kind: -count[kind])
+    if bad:
+        kinds = ", ".join(_counted(count[kind], *SAMPLE_ERROR_WORDS[kind]) for kind in bad)
+        parts.append(f"{_counted(sum(count[kind] for kind in bad), 'bad sample')} skipped ({kinds})")
+    # Shards count per read: a damaged shard is read (and counted) again in every epoch.
+    if count["truncated_shards"]:
+        lost = _counted(count["samples_lost_to_truncation"], "sample")
+        parts.append(f"{lost} lost to shards cut short ({_counted(count['truncated_shards'], 'read')})")
+    if count["skipped_shards"]:
+        lost = _counted(count["samples_in_skipped_shards"], "sample")
+        parts.append(f"{lost} in unreadable shards ({_counted(count['skipped_shards'], 'read')})")
+    if count["count_mismatch_shards"]:
+        gaps = ", ".join(f"{sign}{n:,}" for sign, n in (("+", count["samples_beyond_count"]),
+                                                         ("-", count["samples_short_of_count"])) if n)
+        parts.append(f"{_counted(count['count_mismatch_shards'], 'shard read')} off the listed count ({gaps} samples)")
+    return "data: " + "; ".join(parts) if parts else None
 
 
 def control_actor_options(name: str, namespace: str) -> dict[str, Any]:

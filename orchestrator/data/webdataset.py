@@ -3,8 +3,9 @@
 A sample is the run of tar members sharing a key (the name up to the first dot of the basename):
 ``KEY.jpg|jpeg|png|webp`` (image), ``KEY.txt`` (caption, or a field of ``KEY.json`` with ``caption_key``),
 ``KEY.json`` (metadata). A sample missing its image or caption, or with unreadable JSON, is dropped and
-counted; a tar damaged part-way keeps every complete sample before the damage. Shards are read as
-streams in blocks of samples, so memory does not grow with a shard's size (LAION shards are 0.3-1 GB).
+counted. A tar cut short (a partial upload, a bad copy) keeps every complete sample before the cut; a
+file that is no tar at all is unreadable. Shards are read as streams in blocks of samples, so memory does
+not grow with a shard's size (LAION shards are 0.3-1 GB).
 Runs wherever shards are read (Ray Data read tasks, the index job, the held-out reader).
 """
 
@@ -14,7 +15,7 @@ import io
 import json
 import tarfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,53 @@ from typing import Any
 from orchestrator import storage
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+# tarfile's stream mode reads its source in records; where it stopped lies within the last record and a header
+KEPT_TAIL_BYTES = tarfile.RECORDSIZE + tarfile.BLOCKSIZE
+
+
+class NotATarArchive(tarfile.ReadError):
+    """The file is no tar archive (random bytes, an empty file): nothing in it can be read, retrying is futile."""
+
+
+class TarCutShort(tarfile.ReadError):
+    """The tar breaks off before its end-of-archive marker: the samples before the break are good, the rest lost."""
+
+
+class _TailKeepingStream:
+    """A read-only stream that keeps (by reference) its last ``KEPT_TAIL_BYTES`` read, so that the block where
+    tarfile stopped can be looked at: tarfile's stream mode ends quietly at an empty, partial or invalid header
+    anywhere but at the start, so a tar cut at a member boundary would pass for a shorter one."""
+
+    def __init__(self, stream):
+        self.stream, self.position, self.kept = stream, 0, 0
+        self.chunks: deque[bytes] = deque()  # the latest reads, the oldest starting at position - kept
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.chunks.append(data)
+        self.position += len(data)
+        self.kept += len(data)
+        while self.kept - len(self.chunks[0]) >= KEPT_TAIL_BYTES:
+            self.kept -= len(self.chunks.popleft())
+        return data
+
+    def block_at(self, offset: int) -> bytes:
+        """The tar block at ``offset`` (shorter, or empty, where the file ends within it)."""
+        start = offset - (self.position - self.kept)
+        return b"".join(self.chunks)[start: start + tarfile.BLOCKSIZE]
+
+
+def _end_problem(stream: _TailKeepingStream, offset: int) -> str | None:
+    """None where the tar ends with its end-of-archive marker (a whole zero block at ``offset``), else how it ends."""
+    block = stream.block_at(offset)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(tarfile.NUL):
+        return None
+    if not block:
+        return f"cut short at byte {offset}: the file ends after a member, with no end-of-archive marker"
+    if len(block) < tarfile.BLOCKSIZE:
+        return f"cut short at byte {offset}: the file ends inside a header"
+    return f"cut short at byte {offset}: an invalid header where a member or the end-of-archive marker should begin"
 
 
 @dataclass
@@ -40,6 +88,8 @@ class ShardParse:
     samples: list[RawSample] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
     truncated: bool = False
+    unreadable: bool = False
+    problem: str | None = None
 
 
 def _caption_from(meta: dict, caption_key: str) -> str:
@@ -83,34 +133,50 @@ def iter_samples(stream, caption_key: str | None = None, *,
 
     A key is the member name up to the first dot of its basename (WebDataset's rule: ``a/b.c.jpg`` is key
     ``a/b``, suffix ``c.jpg``); suffixes are matched lower-case, so ``.JPG`` and ``.jpeg`` are images.
-    Raises ``tarfile.TarError`` / ``EOFError`` where the tar is damaged (the key being read then is lost)
-    and ``OSError`` where the stream fails.
+    Raises :class:`NotATarArchive` where the file does not start with a tar header, :class:`TarCutShort`
+    where the tar breaks off before its end-of-archive marker (the key being read then is still yielded if its
+    complete members make a sample, never as an error: what is missing was lost to the cut), other
+    ``tarfile.TarError`` / ``EOFError`` where it is otherwise damaged, and ``OSError`` where the stream fails.
     """
     if sample_from is None:
         def sample_from(ordinal: int, key: str, members: dict[str, bytes]) -> RawSample | str:
             return _sample_or_error(ordinal, key, members, caption_key)
-    ordinal, key, members = 0, None, {}
-    with tarfile.open(fileobj=stream, mode="r|") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            directory, _, base = member.name.rpartition("/")
-            member_key, _, suffix = base.partition(".")
-            member_key = f"{directory}/{member_key}" if directory else member_key
-            if member_key != key and key is not None:
-                yield ordinal, sample_from(ordinal, key, members)
-                ordinal, members = ordinal + 1, {}
-            key = member_key
-            members[suffix.lower()] = archive.extractfile(member).read()
-            archive.members = []  # stream mode keeps every header read (~1.4 KB a sample) unless dropped
-    if key is not None:
-        yield ordinal, sample_from(ordinal, key, members)
+    source = _TailKeepingStream(stream)
+    try:
+        archive = tarfile.open(fileobj=source, mode="r|")
+    except tarfile.ReadError as exc:  # the first header is unreadable: tarfile raises only at the start
+        raise NotATarArchive(f"not a tar archive: {exc}") from None
+    ordinal, key, members, problem = 0, None, {}, None
+    with archive:
+        try:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                directory, _, base = member.name.rpartition("/")
+                member_key, _, suffix = base.partition(".")
+                member_key = f"{directory}/{member_key}" if directory else member_key
+                if member_key != key and key is not None:
+                    yield ordinal, sample_from(ordinal, key, members)
+                    ordinal, members = ordinal + 1, {}
+                key = member_key
+                members[suffix.lower()] = archive.extractfile(member).read()
+                archive.members = []  # stream mode keeps every header read (~1.4 KB a sample) unless dropped
+            problem = _end_problem(source, archive.offset)
+        except tarfile.ReadError as exc:
+            problem = f"cut short at byte {source.position}, in {member.name}: {exc}"
+    if members:
+        last = sample_from(ordinal, key, members)
+        if problem is None or not isinstance(last, str):  # at a cut, what the last key lacks was lost, not bad
+            yield ordinal, last
+    if problem is not None:
+        raise TarCutShort(problem)
 
 
 def parse_shard(data: bytes, caption_key: str | None = None) -> ShardParse:
     """A whole in-memory tar split into samples (small shards: the held-out split, tests, benchmarks).
 
-    A tar damaged part-way keeps every complete sample before the damage and sets ``truncated``.
+    A tar cut short or damaged part-way keeps every complete sample before the damage and sets
+    ``truncated``; a file that is no tar sets ``unreadable``; ``problem`` says what is wrong.
     """
     parse = ShardParse()
     try:
@@ -119,8 +185,10 @@ def parse_shard(data: bytes, caption_key: str | None = None) -> ShardParse:
                 parse.errors[outcome] += 1
             else:
                 parse.samples.append(outcome)
-    except (tarfile.TarError, EOFError, OSError):
-        parse.truncated = True
+    except NotATarArchive as exc:
+        parse.unreadable, parse.problem = True, str(exc)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        parse.truncated, parse.problem = True, str(exc) or type(exc).__name__
     return parse
 
 
@@ -150,8 +218,9 @@ def stream_shard(location: storage.Location, read: ShardRead, *, block_samples: 
 
     A failed read (``OSError``: network, missing object) is retried with exponential backoff from the
     shard's start, passing over the samples already given out, so nothing is yielded or counted twice;
-    after ``retries`` the rest of the shard is skipped. A damaged tar (deterministic) is not retried: the
-    complete samples before the damage are kept. Counts accumulate in ``read``.
+    after ``retries`` the rest of the shard is skipped. A file that is no tar is skipped at once, and a tar cut
+    short or damaged part-way keeps the complete samples before the damage (both deterministic: not
+    retried); ``read.error`` says which. Counts accumulate in ``read``.
     """
     committed = 0  # ordinals below this were given out (or counted bad) in an earlier block
     for attempt in range(retries + 1):
@@ -174,8 +243,11 @@ def stream_shard(location: storage.Location, read: ShardRead, *, block_samples: 
             if block:
                 yield block
             return
-        except (tarfile.TarError, EOFError):
-            read.truncated = True
+        except NotATarArchive as exc:
+            read.skipped, read.failed_attempts, read.error = True, read.failed_attempts + 1, str(exc)
+            return
+        except (tarfile.TarError, EOFError) as exc:
+            read.truncated, read.error = True, str(exc) or type(exc).__name__
             _commit(read, block, pending)
             if block:
                 yield block

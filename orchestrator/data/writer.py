@@ -10,7 +10,8 @@ Layout of an output folder (local or ``s3://bucket/prefix``)::
 
 Inputs are lists of :class:`~orchestrator.data.sources.SourceRecord` (captioned folder, table file,
 Fashion-MNIST). An unreadable image is recorded as a failure and never stops the job. The driver of
-``jobs/prepare_data.py`` runs :func:`prepare_dataset`; each shard is written by one Ray task.
+``jobs/prepare_data.py`` (its flags parsed in ``jobs.cli``) runs :func:`prepare_dataset`,
+which checks every input before Ray starts; each shard is written by one Ray task.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 import time
 from collections.abc import Callable, Sequence
@@ -35,13 +37,15 @@ from orchestrator.data.sources import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_HELDOUT_TEMPLATE,
     FASHION_MNIST_TEMPLATES,
+    FOLDER_IMAGE_SUFFIXES,
     TABLE_SUFFIXES,
     SourceRecord,
     captioned_folder_records,
     fashion_mnist_records,
     table_records,
 )
-from orchestrator.logs import get_logger, quiet_ray_driver
+from orchestrator import noise
+from orchestrator.logs import get_logger
 
 logger = get_logger("data")
 
@@ -252,21 +256,30 @@ def prepare_shards(records: Sequence[SourceRecord], output_url: str, options: Sh
     return manifest
 
 
-def prepare_fashion_mnist(output_url: str, options: ShardOptions, *, templates: Sequence[str] = FASHION_MNIST_TEMPLATES,
-                          heldout_template: str = FASHION_MNIST_HELDOUT_TEMPLATE, root: str = FASHION_MNIST_DIR,
-                          limit: int | None = None, seed: int = 0, **prepare_args) -> tuple[Manifest, Manifest]:
-    """The demo data: 60k training images captioned with ``templates``, and the 10k test images under
-    ``<output>/heldout`` captioned with ``heldout_template`` (which training never sees) for zero-shot eval."""
+def fashion_mnist_splits(output_url: str, *, templates: Sequence[str] = FASHION_MNIST_TEMPLATES,
+                         heldout_template: str = FASHION_MNIST_HELDOUT_TEMPLATE, root: str = FASHION_MNIST_DIR,
+                         limit: int | None = None, seed: int = 0) -> list[tuple[list[SourceRecord], str, dict]]:
+    """(records, output, manifest extras) of the demo data: the training split captioned with ``templates``
+    at ``output_url``, the test split captioned with ``heldout_template`` under ``<output>/heldout``."""
     if heldout_template in templates:
         raise ValueError(f"heldout_template {heldout_template!r} must not be one of the training templates")
     train = fashion_mnist_records("train", root=root, templates=templates, seed=seed)[:limit]
     test = fashion_mnist_records("test", root=root, templates=[heldout_template], seed=seed)[:limit]
     common = {"class_names": list(FASHION_MNIST_CLASSES), "source": "fashion-mnist"}
-    train_manifest = prepare_shards(train, output_url, options, extra={**common, "templates": list(templates),
-                                    "heldout_template": heldout_template}, **prepare_args)
-    heldout_manifest = prepare_shards(test, f"{output_url.rstrip('/')}/heldout", options,
-                                      extra={**common, "template": heldout_template}, **prepare_args)
-    return train_manifest, heldout_manifest
+    return [(train, output_url, {**common, "templates": list(templates), "heldout_template": heldout_template}),
+            (test, f"{output_url.rstrip('/')}/heldout", {**common, "template": heldout_template})]
+
+
+def prepare_fashion_mnist(output_url: str, options: ShardOptions, *, templates: Sequence[str] = FASHION_MNIST_TEMPLATES,
+                          heldout_template: str = FASHION_MNIST_HELDOUT_TEMPLATE, root: str = FASHION_MNIST_DIR,
+                          limit: int | None = None, seed: int = 0, **prepare_args) -> tuple[Manifest, Manifest]:
+    """The demo data: 60k training images captioned with ``templates``, and the 10k test images under
+    ``<output>/heldout`` captioned with ``heldout_template`` (which training never sees) for zero-shot eval."""
+    splits = fashion_mnist_splits(output_url, templates=templates, heldout_template=heldout_template, root=root,
+                                  limit=limit, seed=seed)
+    train, heldout = (prepare_shards(records, url, options, extra=extra, **prepare_args)
+                      for records, url, extra in splits)
+    return train, heldout
 
 
 def prepare_dataset(input_spec: str, output_url: str, options: ShardOptions, *, endpoint_url: str | None = None,
@@ -274,23 +287,57 @@ def prepare_dataset(input_spec: str, output_url: str, options: ShardOptions, *, 
                     limit: int | None = None) -> list[Manifest]:
     """What ``jobs/prepare_data.py`` runs: pick the source from ``input_spec`` (``fashion-mnist``, a table
     file, or a captioned folder), start a local Ray unless one is already up (or ``RAY_ADDRESS`` names one),
-    and write the shards. Returns one manifest per split written."""
+    and write the shards. Returns one manifest per split written.
+
+    Every input is read and every output folder made (on S3: its bucket found) before Ray starts, so a wrong
+    path, column or bucket costs seconds; those refusals are ``ValueError`` naming the flag and what it allows.
+    """
     import ray
 
+    splits = _checked_splits(input_spec, output_url, endpoint_url=endpoint_url, image_column=image_column,
+                             caption_column=caption_column, limit=limit)
     started_ray = not ray.is_initialized()
     if started_ray:
-        quiet_ray_driver()
-        ray.init(logging_level="WARNING")
-    common = dict(endpoint_url=endpoint_url, workers=workers)
+        ray.init(logging_level=noise.level_for("ray"))
     try:
-        if input_spec == "fashion-mnist":
-            return list(prepare_fashion_mnist(output_url, options, limit=limit, **common))
-        if input_spec.lower().endswith(TABLE_SUFFIXES):
-            records = table_records(input_spec, image_column=image_column, caption_column=caption_column,
-                                    endpoint_url=endpoint_url)
-        else:
-            records = captioned_folder_records(input_spec)
-        return [prepare_shards(records[:limit], output_url, options, **common)]
+        return [prepare_shards(records, url, options, endpoint_url=endpoint_url, workers=workers, extra=extra)
+                for records, url, extra in splits]
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _checked_splits(input_spec: str, output_url: str, *, endpoint_url: str | None, image_column: str,
+                    caption_column: str, limit: int | None) -> list[tuple[list[SourceRecord], str, dict]]:
+    """(records, output, manifest extras) per split, every input read and every output folder usable."""
+    try:
+        if input_spec == "fashion-mnist":
+            splits = fashion_mnist_splits(output_url, limit=limit)
+        elif input_spec.lower().endswith(TABLE_SUFFIXES):
+            splits = [(table_records(input_spec, image_column=image_column, caption_column=caption_column,
+                                     endpoint_url=endpoint_url)[:limit], output_url, {})]
+        else:
+            splits = [(_folder_records(input_spec)[:limit], output_url, {})]
+    except (OSError, ValueError) as error:  # a missing or unreadable table, a column it lacks, the data set's files
+        raise ValueError(f"--input {input_spec}: {_one_line(error)}") from None
+    for records, url, _ in splits:
+        if not records:
+            raise ValueError(f"--input {input_spec}: nothing to write (a table needs rows, a folder images: "
+                             f"{', '.join(FOLDER_IMAGE_SUFFIXES)})")
+        try:
+            storage.ensure_folder(storage.resolve(url, endpoint_url), create=True)
+        except (OSError, ValueError, storage.StorageError) as error:  # a file in the way, no permission, no bucket
+            raise ValueError(f"--output {output_url}: {_one_line(error)}") from None
+    return splits
+
+
+def _folder_records(input_spec: str) -> list[SourceRecord]:
+    if not os.path.isdir(input_spec):
+        what = ("a file that is no table" if os.path.isfile(input_spec) else
+                "captioned folders must be local" if "://" in input_spec else "no such file or folder")
+        raise ValueError(f"{what}; allowed: a captioned folder, a table ({', '.join(TABLE_SUFFIXES)}) or fashion-mnist")
+    return captioned_folder_records(input_spec)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

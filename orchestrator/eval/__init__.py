@@ -12,52 +12,18 @@ Who runs what (module: process):
   features arrive (the driver, or the Train workers and their rank 0).
 """
 
-from orchestrator.eval.encode import FeatureEncoder, Preprocess, class_embeddings, prompts
-from orchestrator.eval.in_loop import InLoopEvaluation, WorkerFeatures
-from orchestrator.eval.job import EvaluationOptions, parse_evaluate_args, prepare, run_evaluation
-from orchestrator.eval.model_source import LoadedModel, ModelSourceError, load_model, load_model_file
-from orchestrator.eval.pipeline import RayDataFeatures
-from orchestrator.eval.probe import ProbeResult, linear_probe as fit_linear_probe
-from orchestrator.eval.readers import EvalSample, limit_set, read_part
-from orchestrator.eval.results import EvalResult, ZeroShotCounts
-from orchestrator.eval.sets import EvalSet, EvalSetError, SetPart, for_task, open_eval_set, set_name_for
-from orchestrator.eval.tasks import FeatureSource, ImageBatch, OpenedSet, linear_probe, open_set, retrieval, run_task, zero_shot
+from orchestrator.facade import lazy_facade
 
-__all__ = [
-    "EvalResult",
-    "EvalSample",
-    "EvalSet",
-    "EvalSetError",
-    "EvaluationOptions",
-    "FeatureEncoder",
-    "FeatureSource",
-    "ImageBatch",
-    "InLoopEvaluation",
-    "LoadedModel",
-    "ModelSourceError",
-    "OpenedSet",
-    "Preprocess",
-    "ProbeResult",
-    "RayDataFeatures",
-    "SetPart",
-    "WorkerFeatures",
-    "ZeroShotCounts",
-    "class_embeddings",
-    "fit_linear_probe",
-    "for_task",
-    "limit_set",
-    "linear_probe",
-    "load_model",
-    "load_model_file",
-    "open_eval_set",
-    "open_set",
-    "parse_evaluate_args",
-    "prepare",
-    "prompts",
-    "read_part",
-    "retrieval",
-    "run_evaluation",
-    "run_task",
-    "set_name_for",
-    "zero_shot",
-]
+__all__, __getattr__, __dir__ = lazy_facade(__name__, {
+    ".encode": ("FeatureEncoder", "Preprocess"),
+    ".in_loop": ("InLoopEvaluation", "WorkerFeatures"),
+    ".job": ("EvaluationOptions", "format_table", "prepare", "run_evaluation"),
+    ".model_source": ("LoadedModel", "ModelSourceError", "load_model", "load_model_file"),
+    ".pipeline": ("RayDataFeatures",),
+    ".probe": ("ProbeResult", "linear_probe as fit_linear_probe"),
+    ".readers": ("EvalSample", "limit_set", "read_part"),
+    ".results": ("EvalResult", "ZeroShotCounts"),
+    ".sets": ("EvalSet", "EvalSetError", "SetPart", "for_task", "open_eval_set", "set_name_for"),
+    ".tasks": ("FeatureSource", "ImageBatch", "OpenedSet", "linear_probe", "open_set", "retrieval", "run_task",
+               "zero_shot"),
+})

@@ -81,14 +81,3 @@ class FeatureEncoder:
             features = self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
         return F.normalize(features.float(), dim=-1).cpu()
 
-
-def class_embeddings(text_features: torch.Tensor, classes: int, templates: int) -> torch.Tensor:
-    """(C, E) classifier from class-major prompt features (C*T, E): the paper's ensemble, each class's
-    normalised prompt embeddings averaged over templates and renormalised."""
-    per_template = text_features.view(classes, templates, -1)  # (C, T, E)
-    return F.normalize(per_template.mean(dim=1), dim=-1)
-
-
-def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
-    """Every class name through every template, class-major (what :func:`class_embeddings` expects)."""
-    return [template.format(name) for name in class_names for template in templates]

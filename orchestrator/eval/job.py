@@ -8,7 +8,6 @@ set), to a JSON file, and to MLflow: into the training run when the model is a r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -18,7 +17,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.config import EVAL_LAYOUTS, EVAL_TASKS, EvalSetConfig, RunConfig
+from orchestrator import runs
+from orchestrator.config import EvalSetConfig, RunConfig
 from orchestrator.eval import model_source
 from orchestrator.eval.model_source import LoadedModel
 from orchestrator.eval.pipeline import RayDataFeatures
@@ -33,7 +33,7 @@ logger = get_logger("eval")
 
 @dataclass
 class EvaluationOptions:
-    """What ``jobs/evaluate.py`` was asked (its command-line flags)."""
+    """What ``jobs/evaluate.py`` was asked (its command-line flags, parsed in ``jobs.cli``)."""
 
     model: str
     task: str
@@ -54,30 +54,6 @@ class EvaluationOptions:
     mlflow: bool = True
     seed: int = 0
     names: list[str] = field(default_factory=list)
-
-
-def parse_evaluate_args(argv: list[str] | None, *, description: str) -> tuple[EvaluationOptions, argparse.Namespace]:
-    """``jobs/evaluate.py``'s flags: the options, and the namespace with ``config`` / ``overrides``."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="run name, run/checkpoint folder, or OpenAI-layout .pt file")
-    parser.add_argument("--task", default="zeroshot", choices=EVAL_TASKS)
-    parser.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH", help="an evaluation set (repeatable)")
-    parser.add_argument("--templates", help="a file of prompt templates (one per line) or one template, e.g. 'a photo of a {}.'")
-    parser.add_argument("--classnames", help="a file of class names, one per line in class-index order")
-    parser.add_argument("--layout", default="auto", choices=EVAL_LAYOUTS)
-    parser.add_argument("--split", default="test", help="the split evaluated (default: test)")
-    parser.add_argument("--train-split", default="train", help="linear-probe: the split the probe is fit on")
-    parser.add_argument("--max-images", type=int, help="only the first N images of each set (quick checks)")
-    parser.add_argument("--max-train-images", type=int, help="linear-probe: only the first N training images")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
-    parser.add_argument("--encoders", type=int, help="model actors (default: one per GPU, else by CPU count)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on GPUs")
-    parser.add_argument("--output", help="results JSON (default: outputs/eval/<model>-<time>.json)")
-    parser.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow")
-    parser.add_argument("--config", help="run config naming checkpoint.storage_path and tracking.uri (default: configs/local.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    args = parser.parse_args(argv)
-    return EvaluationOptions(**{k: v for k, v in vars(args).items() if k not in ("config", "overrides")}), args
 
 
 def read_templates_option(value: str | None) -> list[str] | None:
@@ -117,8 +93,9 @@ def set_configs(options: EvaluationOptions) -> list[EvalSetConfig]:
 
 def prepare(options: EvaluationOptions, cfg: RunConfig) -> tuple[LoadedModel, list[OpenedSet]]:
     """The model and the sets, every problem raised before any Ray time (``EvalSetError``,
-    ``ModelSourceError``, pydantic's ``ValidationError`` for a bad set name)."""
-    sets = [open_set(set_cfg, cfg.data.s3_endpoint_url) for set_cfg in set_configs(options)]
+    ``ModelSourceError``, ``ValueError`` for an ``--output`` that cannot be written)."""
+    _check_output(options.output)
+    sets = [_open(set_cfg, cfg.data.s3_endpoint_url) for set_cfg in set_configs(options)]
     for opened in sets:
         for split in (opened.train, opened.test):
             if split is not None:
@@ -126,6 +103,29 @@ def prepare(options: EvaluationOptions, cfg: RunConfig) -> tuple[LoadedModel, li
     loaded = model_source.load_model(options.model, cfg)
     logger.info("%s", model_source.describe(loaded))
     return loaded, sets
+
+
+def _open(set_cfg: EvalSetConfig, endpoint_url: str | None) -> OpenedSet:
+    try:
+        return open_set(set_cfg, endpoint_url)
+    except OSError as error:  # storage that cannot be read: an unreachable endpoint, no permission
+        raise EvalSetError(f"--data {set_cfg.data}: cannot be read ({' '.join(str(error).split())})") from None
+
+
+def _check_output(path: str | None) -> None:
+    """``--output``: a file whose folder exists or can be made, and can be written to."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path}: a folder; allowed: the path of the results JSON file")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--output {path}: its folder cannot be made ({error.strerror}); allowed: a writable "
+                         "path") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--output {path}: its folder {folder} is not writable; allowed: a writable path")
 
 
 def run_evaluation(options: EvaluationOptions, cfg: RunConfig, loaded: LoadedModel, sets: list[OpenedSet]) -> list[EvalResult]:
@@ -187,12 +187,13 @@ def format_table(results: list[EvalResult]) -> str:
 
 
 def write_results(results: list[EvalResult], loaded: LoadedModel, options: EvaluationOptions, cfg: RunConfig) -> str:
-    """The results as JSON at ``--output`` (default ``<outputs>/eval/<model>-<UTC time>.json``)."""
+    """The results as JSON at ``--output`` (default ``<outputs>/eval/<model>-<UTC time>-<random>.json``: two
+    evaluations started in the same second do not write one file)."""
     from orchestrator.config import output_base_dir
 
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     path = options.output or os.path.join(output_base_dir(), "outputs", "eval",
-                                          f"{_model_label(loaded)}-{stamp}.json")
+                                          f"{runs.unique_run_name(_model_label(loaded))}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     body = {"model": {"source": loaded.source, "kind": loaded.kind, "architecture": loaded.model.spec.name,
                       "step": loaded.step, "mlflow_run_id": loaded.mlflow_run_id},

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 
@@ -27,7 +25,8 @@ from orchestrator.eval.encode import FeatureEncoder, Preprocess
 from orchestrator.eval.readers import read_part
 from orchestrator.eval.sets import EvalSet, EvalSetError, SetPart
 from orchestrator.eval.tasks import ImageBatch
-from orchestrator.logs import drop_records, get_logger
+from orchestrator import noise
+from orchestrator.logs import get_logger
 
 logger = get_logger("eval")
 PROGRESS_EVERY_S = 15.0
@@ -93,19 +92,6 @@ class EncodeOnActor:
         return result
 
 
-def quiet_ray_data_driver() -> None:
-    """Ray Data's execution plans and its progress bars or progress log lines, in this driver: the job prints
-    its own progress line per set (images, rate, ETA) instead."""
-    import ray.data
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    drop_records("ray.data._internal.progress", "Progress bars disabled")
-    # A failing task's exception reaches this driver, which reports it once; Ray Data also logs it twice.
-    drop_records("ray.data._internal.execution.streaming_executor_state", "An exception was raised from a task")
-    drop_records("ray.data.exceptions", "Exception occurred in Ray Data", "Full stack trace")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 class RayDataFeatures:
     """The feature source of ``jobs/evaluate.py``: Ray Data over the set, ``encoders`` model actors."""
 
@@ -113,7 +99,7 @@ class RayDataFeatures:
                  threads_per_encoder: int = 1):
         import ray
 
-        quiet_ray_data_driver()
+        noise.install(noise.DATA_DRIVER)
         self.state = ray.put({key: value.detach().cpu() for key, value in model.openai_state_dict().items()})
         self.spec = model.spec.to_dict()
         self.image_size = model.image_size
@@ -123,17 +109,15 @@ class RayDataFeatures:
     def _encode(self, dataset, *, captions: bool = False):
         import ray
 
-        with warnings.catch_warnings():
-            # Ray 2.60 names no parameter for max_restarts yet and deprecates passing it as an extra argument.
-            warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
-            return dataset.map_batches(
-                EncodeOnActor, batch_size=self.batch_size, compute=ray.data.ActorPoolStrategy(size=self.encoders),
-                num_gpus=1 if self.use_gpu else 0, num_cpus=1 if self.use_gpu else self.threads,
-                fn_constructor_kwargs=dict(state=[self.state], spec=self.spec, bf16=self.bf16, threads=self.threads,
-                                           captions=captions),
-                # A lost actor fails the evaluation (rerun it) instead of restarting: a restarted actor could not
-                # count on its constructor's arguments (the model) still being in the object store (ray #53727).
-                max_restarts=0)
+        return dataset.map_batches(
+            EncodeOnActor, batch_size=self.batch_size, compute=ray.data.ActorPoolStrategy(size=self.encoders),
+            num_gpus=1 if self.use_gpu else 0, num_cpus=1 if self.use_gpu else self.threads,
+            fn_constructor_kwargs=dict(state=[self.state], spec=self.spec, bf16=self.bf16, threads=self.threads,
+                                       captions=captions),
+            # A lost actor fails the evaluation (rerun it) instead of restarting: a restarted actor could not
+            # count on its constructor's arguments (the model) still being in the object store (ray #53727).
+            # Ray 2.60 deprecates max_restarts as an extra argument and names no parameter for it (noise.py).
+            max_restarts=0)
 
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
         import ray
@@ -166,7 +150,8 @@ class RayDataFeatures:
             result = ImageBatch(torch.from_numpy(batch["features"][good]), torch.from_numpy(batch["label"][good]),
                                 torch.from_numpy(batch["sample_id"][good]), bad=bad)
             if captions:
-                result.caption_features = [torch.from_numpy(f) for f, ok in zip(batch["caption_features"], good) if ok]
+                # each image's caption rows are read-only views into Arrow's buffer: copied, as torch wants them
+                result.caption_features = [torch.tensor(f) for f, ok in zip(batch["caption_features"], good) if ok]
             progress.add(len(good))
             yield result
         progress.done()

@@ -11,13 +11,14 @@ Features are the L2-normalised embeddings the zero-shot classifier also uses.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
+
+if TYPE_CHECKING:
+    from sklearn.linear_model import LogisticRegression
 
 COARSE_LOG10_C = (-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0)
 FINEST_STEP = 1.0 / 8.0  # 8 steps per decade, the paper's resolution
@@ -39,12 +40,10 @@ class ProbeResult:
 
 
 def _fit(c_log10: float, features: np.ndarray, labels: np.ndarray, seed: int) -> LogisticRegression:
+    from sklearn.linear_model import LogisticRegression  # scikit-learn loads where a probe runs (~1 s)
+
     model = LogisticRegression(C=10.0 ** c_log10, max_iter=MAX_ITER, solver="lbfgs", random_state=seed)
-    with warnings.catch_warnings():
-        # An extreme C of the sweep may stop at max_iter; its validation score is what counts, and the
-        # paper's protocol caps iterations the same way.
-        warnings.filterwarnings("ignore", category=ConvergenceWarning)
-        return model.fit(features, labels)
+    return model.fit(features, labels)  # an extreme C may stop at max_iter (noise.py): its validation score counts
 
 
 def search_c(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
@@ -81,6 +80,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     # A stratified split needs two samples of every class and room for every class on both sides.
     stratify = (train_y if counts[counts > 0].min() >= 2 and classes_present <= min(validation, len(train_y) - validation)
                 else None)
+    from sklearn.model_selection import train_test_split
+
     fit_x, val_x, fit_y, val_y = train_test_split(train_x, train_y, test_size=validation_fraction,
                                                   random_state=seed, stratify=stratify)
     sweep = search_c(fit_x, fit_y, val_x, val_y, seed=seed)

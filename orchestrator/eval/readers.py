@@ -63,9 +63,14 @@ def _read_tar(eval_set: EvalSet, part: SetPart, retries: int, backoff_s: float,
                               sample_from=lambda ordinal, key, members: build(ordinal, key, members)):
         yield block
     if read.skipped or read.truncated:
-        # What could not be read is unknown in number; one error sample records that the shard was lost or cut.
         problem = "unreadable_shard" if read.skipped else "damaged_shard"
-        yield [EvalSample(part.index, (1 << 32) - 1, part.url, error=problem)]
+        if part.samples is None:  # what could not be read is unknown in number: one error sample records it
+            yield [EvalSample(part.index, (1 << 32) - 1, part.url, error=problem)]
+            return
+        lost = range(part.samples - read.report(part.samples)["lost"], part.samples)  # the ordinals after the damage
+        for start in range(0, len(lost), block_samples):
+            yield [EvalSample(part.index, ordinal, part.url, error=problem)
+                   for ordinal in lost[start:start + block_samples]]
 
 
 def _sample_builder(eval_set: EvalSet, part: SetPart):

@@ -63,6 +63,8 @@ class EvalResult:
     """Per-class recall (zero-shot) or accuracy (linear probe), by class name."""
     details: dict = field(default_factory=dict)
     """Task-specific extras for the results file (the probe's C sweep, caption counts)."""
+    seconds: float | None = None
+    """In the training loop: how long the evaluation held training (reading, decoding, forwards, the task)."""
 
     @property
     def headline(self) -> str:

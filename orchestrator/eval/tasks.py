@@ -17,8 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from models import ClipLoss, retrieval_recall
-from orchestrator.eval.encode import class_embeddings, prompts
+from models import ClipLoss, retrieval_recall, zero_shot_class_embeddings
 from orchestrator.eval.probe import linear_probe as fit_linear_probe
 from orchestrator.eval.results import BAD_SAMPLE_KINDS, RECALL_KS, EvalResult, ZeroShotCounts, retrieval_metrics, zero_shot_result
 from orchestrator.config import EvalSetConfig
@@ -65,10 +64,11 @@ def _merge_bad(counters: list[Counter]) -> Counter:
 
 
 def zero_shot(source: FeatureSource, eval_set: EvalSet, templates: Sequence[str] | None = None) -> EvalResult:
-    """Top-1/top-5/mean per-class recall with the paper's prompt ensemble (on every rank)."""
+    """Top-1/top-5/mean per-class recall with the paper's prompt ensemble (``models.zero_shot_class_embeddings``;
+    on every rank)."""
     templates = list(templates or eval_set.templates)
     classes = len(eval_set.class_names)
-    classifier = class_embeddings(source.text_features(prompts(eval_set.class_names, templates)), classes, len(templates))
+    classifier = zero_shot_class_embeddings(source.text_features, eval_set.class_names, templates)  # (C, E)
     counts, bad = ZeroShotCounts(classes), Counter()
     for batch in source.image_batches(eval_set):
         counts.add(batch.features @ classifier.T, batch.labels)  # (B, C) cosine similarities

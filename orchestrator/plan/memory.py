@@ -37,13 +37,13 @@ blocks is counted as if it trained whole (an upper bound: its locked blocks keep
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from models import CLIP, ModelSpec, Tower, lock_tower
+from orchestrator.batch_split import balanced_micro_batch
 from orchestrator.plan.activations import Precision, TowerActivations, Widths, image_tower, text_tower
 
 GIB = 2**30
@@ -135,7 +135,7 @@ class StepShape:
 
     @property
     def chunks(self) -> int:
-        return math.ceil(self.worker_batch / self.micro_batch)
+        return balanced_micro_batch(self.worker_batch, self.micro_batch)[1]
 
     @property
     def weight_bytes(self) -> int:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from models import ModelSpec
+from orchestrator.batch_split import balanced_micro_batch, worker_shares
 from orchestrator.config import RunConfig
 from orchestrator.plan.activations import Precision
 from orchestrator.plan.gpus import GIB, GPU_TYPES, GpuType, get_gpu_type
@@ -26,7 +27,7 @@ def shape_for(spec: ModelSpec, *, world_size: int, global_batch: int, micro_batc
               patch_dropout: float = 0.0) -> StepShape:
     """The step on the largest worker: its share of the global batch (ranks differ by at most one row)."""
     return StepShape(spec=spec, world_size=world_size, zero_stage=zero_stage, precision=precision,
-                     micro_batch=micro_batch, worker_batch=math.ceil(global_batch / world_size),
+                     micro_batch=micro_batch, worker_batch=max(worker_shares(global_batch, world_size)),
                      global_batch=global_batch, grad_checkpointing=grad_checkpointing, locks=locks,
                      patch_dropout=patch_dropout)
 
@@ -55,12 +56,6 @@ def largest_micro_batch(shape: StepShape, gpu: GpuType) -> int:
         else:
             high = middle - 1
     return low if low and fits(low) else 0
-
-
-def balanced_micro_batch(worker_batch: int, largest: int) -> tuple[int, int]:
-    """(micro-batch, chunks): the fewest chunks of at most ``largest`` rows, then rows spread evenly over them."""
-    chunks = math.ceil(worker_batch / largest)
-    return math.ceil(worker_batch / chunks), chunks
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,23 @@
-"""``jobs/plan.py``'s command line, its printed tables, its JSON and the run config it writes."""
+"""What ``jobs/plan.py`` is asked (:class:`PlanRequest`), its printed tables, its JSON and the run config it writes."""
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from models import ModelSpec, get_model_spec, list_models
-from orchestrator.config import ConfigError, RunConfig, load_config
+from models import ModelSpec, forward_flops, get_model_spec, list_models
+from orchestrator.config import ConfigError, RunConfig, ScheduleConfig, load_config
 from orchestrator.plan.activations import PRECISIONS
 from orchestrator.plan.gpus import GPU_TYPES
 from orchestrator.plan.memory import TowerLock
-from orchestrator.plan.planner import PAPER_SAMPLES, Plan, config_locks
+from orchestrator.plan.planner import PAPER_SAMPLES, Plan, config_locks, plan
+from orchestrator.plan.timing import CAPTION_TOKENS, train_flops_per_sample
 
 ON_OFF = {"on": True, "off": False}
 
@@ -23,90 +26,97 @@ class PlanArgumentError(ValueError):
     """A flag with a value the planner cannot use; the message names the flag and the allowed values."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line naming the flag instead of argparse's usage + exit
-        raise PlanArgumentError(message)
+@dataclass(frozen=True)
+class PlanRequest:
+    """What ``jobs/plan.py`` was asked (its flags, parsed in ``jobs.cli``); ``None``: the config's value, or the default."""
+
+    model: str | None = None
+    gpus: int | None = None
+    gpu_type: str = "h100"
+    global_batch: int | None = None
+    config: str | None = None
+    micro_batch: int | None = None
+    zero_stage: int | None = None
+    precision: str | None = None
+    grad_checkpointing: str | None = None
+    """``on`` or ``off``."""
+    lock: tuple[str, ...] = ()
+    """Towers planned as locked whole (``image``, ``text``)."""
+    patch_dropout: float | None = None
+    samples: float = PAPER_SAMPLES
+    mfu: float | None = None
+    compile: bool = False
+    write_config: str | None = None
 
 
-def parse_plan_args(argv: list[str] | None, description: str) -> argparse.Namespace:
-    """The flags of ``jobs/plan.py``; raises :class:`PlanArgumentError` for a bad one."""
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help=f"architecture; allowed: {', '.join(list_models())} (default: --config's)")
-    parser.add_argument("--gpus", type=int, help="GPUs (= Ray Train workers; default: --config's scaling.num_workers)")
-    parser.add_argument("--gpu-type", default="h100", help=f"allowed: {', '.join(GPU_TYPES)}")
-    parser.add_argument("--global-batch", type=int, help="samples per optimizer step (default: --config's, else 32768)")
-    parser.add_argument("--config", help="a run config YAML to start from")
-    parser.add_argument("--micro-batch", type=int, help="pin the per-GPU micro-batch (default: the largest that fits)")
-    parser.add_argument("--zero-stage", type=int, help="0-3 (default: --config's, else 1)")
-    parser.add_argument("--precision", help="autocast (rayclip's bf16: autocast over fp32 weights), bf16 "
-                        "(bf16 weights + fp32 master, as benchmarks/gpu_step.py --precision bf16), fp32")
-    parser.add_argument("--grad-checkpointing", help="on|off (default: --config's, else on)")
-    parser.add_argument("--lock", action="append", metavar="TOWER", help="image|text: plan with that tower "
-                        "locked whole (LiT; repeatable; default: --config's model.lock_image/lock_text)")
-    parser.add_argument("--patch-dropout", type=float, help="FLIP's share of patch tokens dropped, ViTs only "
-                        "(default: --config's model.patch_dropout, else 0)")
-    parser.add_argument("--samples", type=float, default=PAPER_SAMPLES, help="samples to train (default 12.8e9)")
-    parser.add_argument("--mfu", type=float, help="model FLOP utilisation (default: measured, benchmarks/results)")
-    parser.add_argument("--compile", action="store_true", help="take the MFU measured with torch.compile")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--write-config", metavar="OUT.yaml", help="write the matching run config")
-    args = parser.parse_args(argv)
-    _check(args)
-    return args
-
-
-def _check(args: argparse.Namespace) -> None:
+def check_request(request: PlanRequest) -> None:
+    """Refuse a value the planner cannot use, naming its flag and the allowed values (:class:`PlanArgumentError`)."""
     checks = [
-        ("--model", args.model is None or args.model in list_models(), ", ".join(list_models())),
-        ("--gpu-type", args.gpu_type.lower() in GPU_TYPES or args.gpu_type.lower() in ("a100", "h100-80gb"),
+        ("--model", request.model is None or request.model in list_models(), ", ".join(list_models())),
+        ("--gpu-type", request.gpu_type.lower() in GPU_TYPES or request.gpu_type.lower() in ("a100", "h100-80gb"),
          ", ".join(GPU_TYPES)),
-        ("--gpus", args.gpus is None or args.gpus >= 1, "a count >= 1"),
-        ("--global-batch", args.global_batch is None or args.global_batch >= 1, "a count >= 1"),
-        ("--micro-batch", args.micro_batch is None or args.micro_batch >= 1, "a count >= 1"),
-        ("--zero-stage", args.zero_stage is None or args.zero_stage in (0, 1, 2, 3), "0, 1, 2, 3"),
-        ("--precision", args.precision is None or args.precision in PRECISIONS, ", ".join(PRECISIONS)),
-        ("--grad-checkpointing", args.grad_checkpointing is None or args.grad_checkpointing in ON_OFF, "on, off"),
-        ("--samples", args.samples > 0, "a positive number, e.g. 12.8e9"),
-        ("--mfu", args.mfu is None or 0 < args.mfu <= 1, "a fraction in (0, 1]"),
-        ("--lock", all(tower in ("image", "text") for tower in args.lock or []), "image, text"),
-        ("--patch-dropout", args.patch_dropout is None or 0 <= args.patch_dropout < 1, "a share in [0, 1)"),
+        ("--gpus", request.gpus is None or request.gpus >= 1, "a count >= 1"),
+        ("--global-batch", request.global_batch is None or request.global_batch >= 1, "a count >= 1"),
+        ("--micro-batch", request.micro_batch is None or request.micro_batch >= 1, "a count >= 1"),
+        ("--zero-stage", request.zero_stage is None or request.zero_stage in (0, 1, 2, 3), "0, 1, 2, 3"),
+        ("--precision", request.precision is None or request.precision in PRECISIONS, ", ".join(PRECISIONS)),
+        ("--grad-checkpointing", request.grad_checkpointing is None or request.grad_checkpointing in ON_OFF, "on, off"),
+        ("--samples", math.isfinite(request.samples) and request.samples > 0, "a finite positive number, e.g. 12.8e9"),
+        ("--mfu", request.mfu is None or 0 < request.mfu <= 1, "a fraction in (0, 1]"),
+        ("--lock", all(tower in ("image", "text") for tower in request.lock), "image, text"),
+        ("--patch-dropout", request.patch_dropout is None or 0 <= request.patch_dropout < 1, "a share in [0, 1)"),
     ]
     for flag, ok, allowed in checks:
         if not ok:
-            value = getattr(args, flag[2:].replace("-", "_"))
-            value = " ".join(value) if isinstance(value, list) else value
+            value = getattr(request, flag[2:].replace("-", "_"))
+            value = " ".join(value) if isinstance(value, tuple) else value
             raise PlanArgumentError(f"{flag} {value}: allowed: {allowed}")
-    if args.write_config and args.precision == "bf16":
+    if request.write_config and request.precision == "bf16":
         raise PlanArgumentError("--precision bf16 (bf16 weights) cannot be written as a run config: rayclip trains "
                                 "bf16 as autocast over fp32 weights; allowed with --write-config: autocast, fp32")
 
 
-def resolve(args: argparse.Namespace) -> tuple[ModelSpec, dict[str, Any], RunConfig | None]:
+def plan_request(request: PlanRequest) -> tuple[Plan, RunConfig | None]:
+    """The plan ``request`` asks for (FLOPs counted on the kept patches, captions of ``CAPTION_TOKENS``, a
+    locked tower's backward left out), and its base config (``--config``) if any."""
+    spec, chosen, base = resolve(request)
+    text_spec = get_model_spec(spec.name, context_length=CAPTION_TOKENS)
+    locked = frozenset(lock.tower for lock in chosen["locks"] if lock.unlocked_layers == 0)
+    image_flops = forward_flops(spec, patch_dropout=chosen["patch_dropout"])[0]
+    flops = train_flops_per_sample((image_flops, forward_flops(text_spec)[1]), locked)
+    return plan(spec, flops_per_sample=flops, **chosen), base
+
+
+def resolve(request: PlanRequest) -> tuple[ModelSpec, dict[str, Any], RunConfig | None]:
     """The model spec, the planner's keyword arguments, and the base config (``--config``) if any."""
-    base = load_config(args.config, []) if args.config else None
-    model = args.model or (base.model.name if base else None)
-    gpus = args.gpus or (base.scaling.max_workers if base else None)
+    check_request(request)
+    base = load_config(request.config, []) if request.config else None
+    model = request.model or (base.model.name if base else None)
+    gpus = request.gpus or (base.scaling.max_workers if base else None)
     if model is None or gpus is None:
         raise PlanArgumentError("--model and --gpus are needed without --config")
-    spec = get_model_spec(model) if base is None or args.model else base.model.spec()
+    spec = get_model_spec(model) if base is None or request.model else base.model.spec()
     ds = base.deepspeed if base else None
     chosen = {
         "gpus": gpus,
-        "gpu_type": args.gpu_type,
-        "global_batch": args.global_batch or (base.global_batch_size if base else 32768),
-        "zero_stage": args.zero_stage if args.zero_stage is not None else (ds.zero_stage if ds else 1),
-        "precision": args.precision or ("fp32" if base and base.deepspeed.precision == "fp32" else "autocast"),
-        "grad_checkpointing": ON_OFF[args.grad_checkpointing] if args.grad_checkpointing else
+        "gpu_type": request.gpu_type,
+        "global_batch": request.global_batch or (base.global_batch_size if base else 32768),
+        "zero_stage": request.zero_stage if request.zero_stage is not None else (ds.zero_stage if ds else 1),
+        "precision": request.precision or ("fp32" if base and base.deepspeed.precision == "fp32" else "autocast"),
+        "grad_checkpointing": ON_OFF[request.grad_checkpointing] if request.grad_checkpointing else
         (base.model.grad_checkpointing if base else True),
-        "micro_batch": args.micro_batch,
-        "mfu": args.mfu,
-        "compiled": args.compile or bool(base and base.model.compile),
-        "samples": args.samples,
-        "locks": tuple(TowerLock(tower) for tower in dict.fromkeys(args.lock)) if args.lock else
-        (config_locks(base) if base and not args.model else ()),
-        "patch_dropout": args.patch_dropout if args.patch_dropout is not None else
-        (base.model.patch_dropout if base and not args.model else 0.0),
+        "micro_batch": request.micro_batch,
+        "mfu": request.mfu,
+        "compiled": request.compile or bool(base and base.model.compile),
+        "samples": request.samples,
+        "locks": tuple(TowerLock(tower) for tower in dict.fromkeys(request.lock)) if request.lock else
+        (config_locks(base) if base and not request.model else ()),
+        "patch_dropout": request.patch_dropout if request.patch_dropout is not None else
+        (base.model.patch_dropout if base and not request.model else 0.0),
     }
+    if chosen["global_batch"] < gpus:
+        raise PlanArgumentError(f"--global-batch {chosen['global_batch']}: fewer samples than the {gpus} GPUs; "
+                                f"allowed: a count >= {gpus}")
     if chosen["patch_dropout"] and spec.vision.kind != "vit":
         raise PlanArgumentError(f"--patch-dropout {chosen['patch_dropout']}: {spec.name} has a {spec.vision.kind} image "
                                 "tower; allowed: 0 (patch dropout needs a ViT)")
@@ -125,6 +135,9 @@ def run_config_yaml(result: Plan, base: RunConfig | None, path: str) -> str:
         zero_stage=result.zero_stage, precision="bf16" if result.precision == "autocast" else "fp32",
         micro_batch_size=result.micro_batch, global_batch_size=result.global_batch, grad_accum_steps=1)
     data.setdefault("scaling", {}).update(num_workers=result.gpus, use_gpu=True)
+    if base is None:  # the schedule spans the planned samples (the bare defaults warm up for longer than they run)
+        steps = math.ceil(result.samples / result.global_batch)
+        data["schedule"] = {"total_steps": steps, "warmup_steps": min(ScheduleConfig().warmup_steps, steps)}
     RunConfig.from_dict(data)  # what pretrain.py would refuse is never written
     header = (f"# jobs/plan.py: {result.model} on {result.gpus} x {result.gpu} ({result.nodes} nodes x "
               f"{result.gpus_per_node} GPUs), micro-batch {result.micro_batch} x {result.accumulation_chunks} chunk(s), "
@@ -132,7 +145,11 @@ def run_config_yaml(result: Plan, base: RunConfig | None, path: str) -> str:
               f"# ray_cluster.yaml: GPU worker nodes min_workers/max_workers = {result.nodes} "
               f"({result.gpus} GPUs / {result.gpus_per_node} per node)\n")
     text = header + yaml.safe_dump(data, sort_keys=False)
-    Path(path).write_text(text)
+    try:
+        Path(path).write_text(text)
+    except OSError as error:
+        raise PlanArgumentError(f"--write-config {path}: cannot be written ({error.strerror}); allowed: a file path "
+                                "in a writable folder") from None
     return text
 
 

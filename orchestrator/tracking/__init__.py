@@ -1,58 +1,23 @@
-"""MLflow tracking: one run per pretraining job, logged from rank 0 of the Train workers.
+"""MLflow tracking: one run per pretraining job, created by the job's driver and logged from rank 0 of the Train workers.
 
-``run_tracker`` (the run: params, metrics, plots, the exported model, its registration), ``evaluation``
+``run_tracker`` (the run: params, metrics, plots, the exported model, its registration), ``outbox`` (writes
+queued and retried while the store does not answer), ``run_lifecycle`` (the driver: the store checked, the run
+created before Ray starts, closed when the workers cannot), ``evaluation``
 (an evaluation's metric names and figures), ``experiments``
 (the experiment and where its artifacts live), ``params`` (config -> params), ``plots`` (figures).
 """
 
-from orchestrator.tracking.experiments import (
-    EXPERIMENT_KIND_TAG,
-    MODEL_TRAINING_KIND,
-    default_artifact_location,
-    ensure_experiment,
-    is_temporary,
-)
-from orchestrator.tracking.params import MAX_PARAM_VALUE_CHARS, MAX_PARAMS_PER_BATCH, flatten_config, param_batches
-from orchestrator.tracking.evaluation import (
-    CONFUSION_MAX_CLASSES,
-    HEADLINE_METRIC,
-    EvaluationResult,
-    evaluation_figures,
-    evaluation_metrics,
-    metric_key,
-)
-from orchestrator.tracking.plots import (
-    render_confusion_matrix,
-    render_metric_curve,
-    render_metric_vs_param,
-    render_per_class,
-    render_recall_at_k,
-    render_trial_curves,
-)
-from orchestrator.tracking.run_tracker import RunTracker, TrackingSettings
+from orchestrator.facade import lazy_facade
 
-__all__ = [
-    "CONFUSION_MAX_CLASSES",
-    "HEADLINE_METRIC",
-    "EvaluationResult",
-    "evaluation_figures",
-    "evaluation_metrics",
-    "metric_key",
-    "EXPERIMENT_KIND_TAG",
-    "MAX_PARAMS_PER_BATCH",
-    "MAX_PARAM_VALUE_CHARS",
-    "MODEL_TRAINING_KIND",
-    "RunTracker",
-    "TrackingSettings",
-    "default_artifact_location",
-    "ensure_experiment",
-    "flatten_config",
-    "is_temporary",
-    "param_batches",
-    "render_confusion_matrix",
-    "render_metric_curve",
-    "render_metric_vs_param",
-    "render_per_class",
-    "render_recall_at_k",
-    "render_trial_curves",
-]
+__all__, __getattr__, __dir__ = lazy_facade(__name__, {
+    ".experiments": ("EXPERIMENT_KIND_TAG", "MODEL_TRAINING_KIND", "default_artifact_location", "ensure_experiment",
+                     "is_temporary"),
+    ".params": ("MAX_PARAM_VALUE_CHARS", "MAX_PARAMS_PER_BATCH", "flatten_config", "param_batches"),
+    ".evaluation": ("CONFUSION_MAX_CLASSES", "HEADLINE_METRIC", "EvaluationResult", "evaluation_figures",
+                    "evaluation_metrics", "metric_key"),
+    ".plots": ("render_confusion_matrix", "render_metric_curve", "render_metric_vs_param", "render_per_class",
+               "render_recall_at_k", "render_trial_curves"),
+    ".outbox": ("Outbox", "OutboxReport"),
+    ".run_lifecycle": ("TrackingUnreachable", "check_store", "create_run", "end_run"),
+    ".run_tracker": ("RunTracker", "TrackingSettings"),
+})

@@ -47,20 +47,26 @@ def headline_key(result: EvaluationResult) -> str:
     return metric_key(result.set_name, HEADLINE_METRIC[result.task])
 
 
-def evaluation_figures(result: EvaluationResult, step: int, history: list[tuple[int, float]]) -> dict[str, Figure]:
-    """File name -> figure for this result (``history``: the headline metric by step, this step included)."""
-    title = f"{result.set_name} {_TASK_TITLE[result.task]}"
-    figures = {}
-    if result.per_class:
-        metric = "recall" if result.task == "zeroshot" else "accuracy"
-        figures[f"per_class_step_{step:08d}.png"] = render_per_class(result.per_class, f"per-class {metric}", title)
+def check_evaluation(result: EvaluationResult) -> None:
+    """Raise ValueError for a result its figures cannot show (a confusion matrix that does not match the classes)."""
     confusion = result.confusion
     if confusion is not None and len(result.class_names) <= CONFUSION_MAX_CLASSES:
         if np.asarray(confusion).shape != (len(result.class_names),) * 2:
             raise ValueError(f"confusion has shape {np.asarray(confusion).shape}, expected "
                              f"({len(result.class_names)}, {len(result.class_names)}) for {len(result.class_names)} class names")
-        figures[f"confusion_step_{step:08d}.png"] = render_confusion_matrix(np.asarray(confusion), result.class_names,
-                                                                            step, title)
+
+
+def evaluation_figures(result: EvaluationResult, step: int, history: list[tuple[int, float]]) -> dict[str, Figure]:
+    """File name -> figure for this result (``history``: the headline metric by step, this step included)."""
+    check_evaluation(result)
+    title = f"{result.set_name} {_TASK_TITLE[result.task]}"
+    figures = {}
+    if result.per_class:
+        metric = "recall" if result.task == "zeroshot" else "accuracy"
+        figures[f"per_class_step_{step:08d}.png"] = render_per_class(result.per_class, f"per-class {metric}", title)
+    if result.confusion is not None and len(result.class_names) <= CONFUSION_MAX_CLASSES:
+        figures[f"confusion_step_{step:08d}.png"] = render_confusion_matrix(np.asarray(result.confusion),
+                                                                            result.class_names, step, title)
     if result.task == "retrieval":
         figures[f"recall_at_k_step_{step:08d}.png"] = render_recall_at_k(_recall_by_direction(result.metrics), title)
     if history:

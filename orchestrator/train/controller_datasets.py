@@ -2,19 +2,20 @@
 
 Ray Train calls a dataset *factory* each time it starts the worker group (first start, restart after a
 failure, ``--resume``); this runs in the Train controller. The factory reads the data position of the
-run's latest checkpoint from storage, plans the stream from there, and names the new stream's monitor
+checkpoint the workers will resume from (the newest intact one) from storage, plans the stream from there, and names the new stream's monitor
 in a small registry actor, where the (re)started workers look it up (``orchestrator.train.worker_batches``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator import runs
 from orchestrator.config import RunConfig
 from orchestrator.data import StreamProgress, VisitTable, build_train_dataset, control_actor_options, resolve_sources
-from orchestrator.train.checkpoint import TrainState, read_state
+
+if TYPE_CHECKING:
+    from orchestrator.train.checkpoint import TrainState
 
 REGISTRY_NAMESPACE = "rayclip-data"
 
@@ -52,15 +53,11 @@ def epochs_to_plan(cfg: RunConfig, samples_per_epoch: int) -> int:
 
 
 def latest_checkpoint_state(cfg: RunConfig) -> TrainState | None:
-    """The train state of the run's latest reported checkpoint in storage (None before the first)."""
-    run = runs.run_location(cfg.checkpoint.storage_path, cfg.checkpoint.s3_endpoint_url, cfg.name)
-    checkpoint = runs.latest_checkpoint(run)
-    if checkpoint is None:
-        return None
-    try:
-        return read_state(checkpoint.fs, checkpoint.path)
-    except FileNotFoundError:
-        return None
+    """The train state of the checkpoint the workers resume from (``resume_point``; None before the first)."""
+    from orchestrator.train.checkpoint import resume_point, saved_state  # torch: not in the registry actor
+
+    checkpoint = resume_point(cfg)
+    return None if checkpoint is None else saved_state(checkpoint)
 
 
 class TrainDatasetFactory:

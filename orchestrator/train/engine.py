@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -105,10 +104,6 @@ def build_engine(cfg: RunConfig, model: CLIP, world_size: int, *, load_universal
     count, see ``orchestrator.train.checkpoint``).
     """
     import deepspeed
-
-    # DeepSpeed's ZeRO steps call torch.distributed's old all-gather name, which warns on every step.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.all_gather_into_tensor. is deprecated",
-                            category=FutureWarning)
 
     def scheduler(optimizer):
         return build_lr_scheduler(

@@ -1,22 +1,23 @@
 """The driver side: a Ray Train ``TorchTrainer`` built from a validated run config, and the run's name.
 
 Fault tolerance: ``FailureConfig(max_failures)`` restarts the worker group after a worker or node
-failure and every worker resumes from ``ray.train.get_checkpoint()``. Resume on request: a new trainer
-with the same run name and storage path finds Ray Train's checkpoint-manager snapshot there and hands
-its latest checkpoint to the workers in the same way (``jobs/pretrain.py --resume NAME``).
+failure and every worker resumes from the run's newest intact checkpoint in storage
+(``checkpoint.resume_point``); so does a new trainer with the same run name (``jobs/pretrain.py --resume
+NAME``). Errors a restart cannot heal (``orchestrator.failures``) are not retried: :class:`StopOnUnhealable`,
+a Ray Train callback in the controller, ends the run at once.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from pathlib import Path
 
-from orchestrator import runs
+from orchestrator import noise, runs
 from orchestrator.config import ConfigError, RunConfig, in_ray_job_copy
 from orchestrator.data import resolve_source
 from orchestrator.eval import open_set
+from orchestrator.failures import RunStopped, cannot_heal, error_kind
 from orchestrator.logs import get_logger
 from orchestrator.plan import memory_problems
 from orchestrator.ray_start import start_ray
@@ -24,7 +25,7 @@ from orchestrator.storage import StorageError
 from orchestrator.runs import EXPORT_FILE
 from orchestrator.train.controller_datasets import build_datasets
 from orchestrator.train.initial_weights import check_initial_weights
-from orchestrator.train.worker_loop import train_loop_per_worker
+from orchestrator.train.worker_entry import train_worker
 
 logger = get_logger("train")
 # DeepSpeed JIT-builds its CPU communication op once (60-90 s) into this cache, shared by every checkout.
@@ -42,24 +43,39 @@ def init_ray(cfg: RunConfig, runs_at_once: int = 1) -> None:
 
 
 def name_run(cfg: RunConfig, resume: str | None = None) -> RunConfig:
-    """A fresh run gets ``<name>-<UTC timestamp>``; ``resume`` must name a run with a checkpoint in storage."""
+    """A fresh run gets a name no other run has (``<name>-<UTC time>-<random>``, see ``runs.unique_run_name``);
+    ``resume`` must name a run in storage."""
     if resume is None:
-        return cfg.model_copy(update={"name": f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"})
+        return cfg.model_copy(update={"name": runs.unique_run_name(cfg.name)})
     run = runs.run_location(cfg.checkpoint.storage_path, cfg.checkpoint.s3_endpoint_url, resume)
     if not runs.run_exists(run):
         raise ConfigError(
-            f"--resume {resume!r}: no run with a checkpoint at {run.url} "
+            f"--resume {resume!r}: no run at {run.url} "
             "(check checkpoint.storage_path and the run name printed by the first job)"
         )
     return cfg.model_copy(update={"name": resume})
+
+
+def stop_on_unhealable():
+    """A Ray Train callback (it runs in the controller) that ends the run at once when a worker failed with an
+    error a restart cannot heal; ``fit()`` then raises ``ControllerError`` holding :class:`RunStopped`."""
+    from ray.train import ControllerError, UserCallback
+
+    class StopOnUnhealable(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank, error in sorted(worker_exceptions.items()):
+                reason = cannot_heal(error)
+                if reason is not None:
+                    raise ControllerError(RunStopped(reason, rank, error_kind(error)))
+
+    return StopOnUnhealable()
 
 
 def worker_environment(cfg: RunConfig) -> dict[str, str]:
     """Environment of every training worker: DeepSpeed's accelerator and its JIT-extension cache."""
     env = {
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR)),
-        # Ray Train re-routes a worker's print() through its loggers and also prints it: every line twice.
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        **noise.env_for(noise.TRAIN_WORKER),
     }
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # never probe for CUDA on CPU workers
@@ -84,9 +100,8 @@ def build_trainer(cfg: RunConfig, datasets: dict | None = None, callbacks: list 
         failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         worker_runtime_env={"env_vars": worker_environment(cfg)},
-        # Ray Train's INFO lines (worker-group starts, every reported checkpoint) would bury rayclip's own.
-        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        callbacks=callbacks,
+        logging_config=ray.train.LoggingConfig(log_level=noise.level_for("ray.train")),
+        callbacks=[stop_on_unhealable(), *(callbacks or [])],
     )
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.extra_resources}
     if cfg.scaling.use_gpu:
@@ -101,7 +116,7 @@ def build_trainer(cfg: RunConfig, datasets: dict | None = None, callbacks: list 
         elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
     )
     return TorchTrainer(
-        train_loop_per_worker,
+        train_worker,
         train_loop_config={"run": cfg.model_dump(mode="json")},
         scaling_config=scaling,
         run_config=run_config,
@@ -145,33 +160,3 @@ def check_inputs(cfg: RunConfig) -> None:
                 hint = (f" (a job of `ray job submit --working-dir` runs in a temporary copy that holds no data: "
                         f"pass the shards' absolute path or an s3:// URL, e.g. --set {field}=/abs/path)")
             raise ConfigError(f"{field}={url!r}: {error}{hint}") from None
-
-
-def mlflow_ui_command(cfg: RunConfig) -> str:
-    """How to look at the run: a server URI is opened in a browser, a local store needs ``mlflow ui``."""
-    uri = cfg.tracking.uri
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
-
-
-def describe_result(cfg: RunConfig, result) -> str:
-    """What a finished job prints: where the model, checkpoints and MLflow run are, and the accuracy."""
-    metrics = result.metrics or {}
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    lines = [
-        f"run: {cfg.name} ({metrics.get('step', '?')}/{cfg.schedule.total_steps} steps)",
-        f"checkpoints: {result.path}",
-        f"exported model (OpenAI state-dict layout): {checkpoint}/{EXPORT_FILE}" if checkpoint else "no checkpoint",
-        f"MLflow: experiment {cfg.tracking.experiment!r}, run {metrics.get('mlflow_run_id')} at {cfg.tracking.uri}",
-        f"MLflow UI: {mlflow_ui_command(cfg)}",
-    ]
-    if cfg.tracking.register_model_name:
-        lines.append(f"MLflow model registry: {cfg.tracking.register_model_name!r} (a new version per finished run)")
-    loss = metrics.get("train/loss", (metrics.get("train") or {}).get("loss"))  # Ray may nest "a/b" keys
-    if loss is not None:
-        lines.append(f"final train loss: {loss:.4f}")
-    if "zero_shot_top1" in metrics:
-        lines.append(f"zero-shot top-5: {metrics['zero_shot_top5']:.3f}")
-        lines.append(f"zero-shot top-1: {metrics['zero_shot_top1']:.3f}")
-    return "\n".join(lines)

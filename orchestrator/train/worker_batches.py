@@ -8,6 +8,7 @@ batch (ranks may differ by one sample when the global batch does not divide by t
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -27,23 +28,60 @@ from orchestrator.data import (
 from orchestrator.train.controller_datasets import current_monitor
 
 
+class WorkerStream:
+    """This worker's split of the training stream, started as soon as the worker starts.
+
+    The stream's start (Ray Data's split coordinator and decode actors started, the first shards read and
+    decoded, the shuffle buffer filled) takes seconds that need not wait for the model: a background thread
+    pulls the first batch while the worker builds its engine (or loads a checkpoint), and iterating the stream
+    hands that batch over first. A failure of the stream's start is raised where the stream is iterated.
+    """
+
+    def __init__(self, cfg: RunConfig):
+        import ray.train
+
+        self.rank = ray.train.get_context().get_world_rank()
+        self.monitor_name = current_monitor(cfg)
+        self.shard_names = stream_visit_names(self.monitor_name)  # visit index -> position key
+        self._batches = iter_train_batches(ray.train.get_dataset_shard("train"), cfg.data, self.monitor_name,
+                                           rank=self.rank)
+        self._first: dict | None = None
+        self._error: BaseException | None = None
+        self._started = threading.Thread(target=self._pull_first, name="rayclip-stream-start", daemon=True)
+        self._started.start()
+
+    def _pull_first(self) -> None:
+        try:
+            self._first = next(self._batches, None)
+        except BaseException as error:  # noqa: BLE001 (raised again where the stream is iterated)
+            self._error = error
+
+    def __iter__(self) -> Iterator[dict]:
+        self._started.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+            yield from self._batches
+
+
 class TrainBatches:
-    """Fixed-size ``(images, tokens)`` batches for this worker, resuming at ``position``.
+    """Fixed-size ``(images, tokens)`` batches for this worker from its ``stream``, resuming at ``position``.
 
     :meth:`position` is collective (all ranks call it at checkpoints): it merges every rank's consumed
     samples of the partly consumed shards with the stream's shard-level progress.
     """
 
-    def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype, position: DataPosition):
+    def __init__(self, cfg: RunConfig, device: torch.device, dtype: torch.dtype, position: DataPosition,
+                 stream: WorkerStream):
         import ray.train
 
-        self.cfg, self.device, self.dtype = cfg, device, dtype
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.batch_size = cfg.worker_batch_size(context.get_world_size(), self.rank)  # the global batch at any count
-        self.monitor_name = current_monitor(cfg)
-        self.shard = ray.train.get_dataset_shard("train")
-        self.shard_names = stream_visit_names(self.monitor_name)  # visit index -> position key
+        self.cfg, self.device, self.dtype, self.stream = cfg, device, dtype, stream
+        self.rank = stream.rank
+        self.batch_size = cfg.worker_batch_size(ray.train.get_context().get_world_size(), self.rank)  # any count
+        self.monitor_name = stream.monitor_name
+        self.shard_names = stream.shard_names
         self.saved = position  # the last position this run saved (or resumed from)
         self.skip = position.consumed_ordinals()  # (epoch, shard name) -> ordinals trained on before the resume
         self.consumed: dict[tuple[int, str], list[int]] = defaultdict(list)
@@ -52,7 +90,7 @@ class TrainBatches:
         self.filtered_repeats = 0
 
     def _rows(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, str], int]]:
-        for batch in iter_train_batches(self.shard, self.cfg.data, self.monitor_name, rank=self.rank):
+        for batch in self.stream:
             shards = [self.shard_names[index] for index in batch["shard_index"].tolist()]
             keys = list(zip(batch["epoch"].tolist(), shards))
             ordinals = (batch["sample_id"] & ((1 << SHARD_ID_BITS) - 1)).tolist()

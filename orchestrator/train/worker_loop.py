@@ -13,7 +13,6 @@ config, so nothing depends on the driver's globals.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 import time
@@ -22,13 +21,26 @@ from typing import Any
 
 import torch
 
-from models import TOWERS, ParameterCounts, count_parameters
+from models import count_parameters
 from orchestrator.collectives import all_reduce_sum
 from orchestrator.config import HELDOUT_SET, RunConfig
+from orchestrator.data import data_health_line
 from orchestrator.eval import EvalResult, InLoopEvaluation
-from orchestrator.logs import drop_records, get_logger, setup_logging, without_printed_lines
-from orchestrator.runs import EXPORT_FILE
+from orchestrator.failures import CannotHeal, explains_itself
+from orchestrator.logs import duration, get_logger, setup_logging
+from orchestrator import noise, runs
+from orchestrator.runs import EXPORT_FILE, FIRST_STEP_AT
 from orchestrator.train import checkpoint as checkpoints
+from orchestrator.train.run_control import DriverLink
+from orchestrator.train.worker_tracking import (
+    Pace,
+    Resize,
+    close_after_error,
+    finish_tracking,
+    log_resize_cost,
+    note_resize,
+    start_tracking,
+)
 from orchestrator.train.engine import build_engine, build_model
 from orchestrator.train.parameters import (
     clamp_logit_scale,
@@ -37,24 +49,13 @@ from orchestrator.train.parameters import (
     full_fp32_parameters,
 )
 from orchestrator.train.step import StepResult, accumulated_step, contrastive_loss, single_chunk_step
-from orchestrator.train.worker_batches import TrainBatches
+from orchestrator.train.worker_batches import TrainBatches, WorkerStream
 
 logger = get_logger("train")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CannotHeal):
     """Too many consecutive steps had a NaN/inf loss; the message says what to change."""
-
-
-@dataclass
-class Resize:
-    """A worker group that resumed a checkpoint of another worker count (an elastic shrink or grow)."""
-
-    from_workers: int
-    checkpoint_step: int
-    last_step: int | None = None
-    """The last step the run logged before the resize, and when (rank 0, from MLflow)."""
-    last_step_time: float | None = None
 
 
 @dataclass
@@ -73,6 +74,18 @@ class Worker:
     """Set when this worker group resumed a checkpoint of another worker count, until its first step."""
     loss: Any = None
     """The run's loss across ranks (``contrastive_loss``: CLIP's or SigLIP's); None takes ``cfg.loss.kind``'s."""
+    stream: WorkerStream | None = None
+    """This worker's split of the training stream, started before the engine was built."""
+    driver: DriverLink | None = None
+    """The line to the job's driver: its stop requests (Ctrl-C), the run's end report."""
+    stopped: bool = False
+    """The run stopped on the driver's request (it ends with a checkpoint, without the final evaluation)."""
+    saved_step: int = -1
+    """The step of the last checkpoint this worker group saved."""
+    logged_once: bool = False
+    """This worker group logged a step already (the first one's time includes the stream's start-up)."""
+    data_health: str | None = None
+    """The last data-health line printed (a new one is printed when the counts change)."""
 
     def __post_init__(self) -> None:
         if self.loss is None:
@@ -111,10 +124,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = RunConfig.from_dict(config["run"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    _silence_worker_noise()
-    with without_printed_lines("DeepSpeed deepspeed.ops.comm."):  # DeepSpeed prints that its CPU op loaded
-        deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
-    checkpoint = ray.train.get_checkpoint()
+    noise.install(noise.TRAIN_WORKER)
+    worker = None
+    try:
+        with noise.printed_lines_dropped(noise.TRAIN_WORKER):
+            deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+        worker = _start(cfg, rank, world_size, context.get_local_rank())
+        _train(worker)
+        _finish(worker)
+    except BaseException as error:
+        if worker is not None:
+            close_after_error(worker)
+        if explains_itself(error):  # the job prints its one-line cause; Ray's stack trace would bury it
+            noise.install(noise.TRAIN_WORKER, when=noise.EXPLAINED_FAILURE)
+        raise
+    finally:
+        if worker is not None:
+            worker.driver.close()
+
+
+def _start(cfg: RunConfig, rank: int, world_size: int, local_rank: int) -> Worker:
+    """The worker's model, engine and state (resumed from the newest intact checkpoint), and its MLflow run."""
+    stream = WorkerStream(cfg)  # its start overlaps the engine's
+    checkpoint = checkpoints.resume_point(cfg, settle=rank == 0)
     saved_world_size = checkpoints.saved_state(checkpoint).world_size if checkpoint is not None else world_size
     resized = saved_world_size != world_size
     model = build_model(cfg)
@@ -124,18 +156,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elastic = f" of {cfg.scaling.min_workers}-{cfg.scaling.max_workers}" if cfg.scaling.elastic else ""
         logger.info("%d workers%s: DeepSpeed ZeRO-%d engine built (%s, global batch %d = %s)", world_size, elastic,
                     cfg.deepspeed.zero_stage, cfg.precision, cfg.global_batch_size, cfg.describe_batch_plan(world_size))
-    state = _restore_or_start(cfg, engine, checkpoint, rank, context.get_local_rank(), world_size)
-    worker = Worker(cfg, rank, world_size, engine, state, evaluation=InLoopEvaluation(cfg))
-    worker.tracker = _start_tracking(worker, parameters)
+    state = _restore_or_start(cfg, engine, checkpoint, rank, local_rank, world_size)
+    worker = Worker(cfg, rank, world_size, engine, state, evaluation=InLoopEvaluation(cfg), stream=stream,
+                    driver=DriverLink(cfg.name, rank, engine.device), saved_step=state.step if checkpoint else -1)
+    worker.tracker = start_tracking(worker, parameters)
     if resized:
-        worker.resize = _note_resize(worker, saved_world_size)
-    try:
-        _train(worker)
-        _finish(worker)
-    except BaseException:
-        if worker.tracker is not None:
-            worker.tracker.finish(None, status="FAILED")  # a restarted attempt reopens the same run
-        raise
+        worker.resize = note_resize(worker, saved_world_size)
+    return worker
 
 
 def _set_patch_dropout(worker: Worker) -> None:
@@ -154,15 +181,6 @@ def _set_patch_dropout(worker: Worker) -> None:
                     worker.state.step + 1, worker.cfg.schedule.total_steps - worker.state.step)
 
 
-def _silence_worker_noise() -> None:
-    """Third-party lines a worker prints that tell a user nothing, dropped by message at their source."""
-    # Loading DeepSpeed's CPU comm op, torch says it found no CUDA (true on a CPU worker).
-    drop_records("torch.utils.cpp_extension", "No CUDA runtime is found")
-    # Ray Train 2.60 logs every report on a logger named by its source file, outside the ``ray.train`` tree
-    # that its LoggingConfig(log_level) governs; the checkpoint line rayclip prints says the same once.
-    drop_records(importlib.util.find_spec("ray.train.v2._internal.execution.context").origin, "Reporting training result")
-
-
 def _restore_or_start(cfg: RunConfig, engine, checkpoint, rank: int, local_rank: int,
                       world_size: int) -> checkpoints.TrainState:
     torch.manual_seed(cfg.seed + rank)  # each rank its own RNG stream, reproducibly (a checkpoint's replaces it)
@@ -170,68 +188,21 @@ def _restore_or_start(cfg: RunConfig, engine, checkpoint, rank: int, local_rank:
         return checkpoints.TrainState(world_size=world_size)
     state = checkpoints.restore(engine, checkpoint, rank, world_size, local_rank)
     if rank == 0:
-        logger.info("resumed from %s at step %d", checkpoint.path, state.step)
+        logger.info("resumed from %s at step %d", checkpoint.location.url, state.step)
     return state
-
-
-def _start_tracking(worker: Worker, parameters: ParameterCounts):
-    """Rank 0 opens (or, after a restart, reopens) the MLflow run; its id goes into every checkpoint. Beside the
-    config, the run's params hold the model's trainable and frozen parameter counts (locked towers, fixed
-    temperature)."""
-    if not worker.is_chief:
-        return None
-    from orchestrator.tracking import RunTracker  # mlflow only where it is used: GPU check machines lack it
-
-    cfg = worker.cfg
-    tracker = RunTracker.from_config(cfg.tracking)
-    worker.state.mlflow_run_id = tracker.start(
-        cfg.model_dump(mode="json"),
-        cfg.to_yaml(),
-        run_name=cfg.tracking.run_name or cfg.name,
-        resume_run_id=worker.state.mlflow_run_id,
-        world_size=worker.world_size,
-        tags=cfg.tracking.tags,
-        params={"model.trainable_parameters": str(parameters.total_trainable),
-                "model.frozen_parameters": str(parameters.total_frozen),
-                **{f"model.{tower}_trainable_parameters": str(parameters.trainable[tower]) for tower in TOWERS}},
-    )
-    return tracker
-
-
-def _note_resize(worker: Worker, from_workers: int) -> Resize:
-    resize = Resize(from_workers, worker.state.step)
-    if worker.tracker is not None:
-        last = worker.tracker.last_logged("train/loss")
-        if last is not None:
-            resize.last_step, resize.last_step_time = last
-        logger.info("resized from %d to %d workers: resuming the step-%d checkpoint with the same global batch %d "
-                    "(%s)%s", from_workers, worker.world_size, resize.checkpoint_step,
-                    worker.cfg.global_batch_size, worker.cfg.describe_batch_plan(worker.world_size),
-                    f"; steps {resize.checkpoint_step + 1}-{resize.last_step} are trained again"
-                    if resize.last_step and resize.last_step > resize.checkpoint_step else "")
-    return resize
-
-
-def _log_resize_cost(worker: Worker) -> None:
-    """At the first step after a resize: the time it cost, from the last step logged before it (rank 0)."""
-    resize, worker.resize = worker.resize, None
-    if worker.tracker is None or resize.last_step_time is None:
-        return
-    lost_s = time.time() - resize.last_step_time
-    redone = max(0, (resize.last_step or 0) - resize.checkpoint_step)
-    logger.info("resize %d -> %d workers cost %s (from step %d's log line to step %d, %d step(s) redone)",
-                resize.from_workers, worker.world_size, _duration(lost_s), resize.last_step, worker.state.step, redone)
-    worker.tracker.log_metrics({"scaling/resize_seconds_lost": lost_s, "scaling/resize_steps_redone": float(redone)},
-                               worker.state.step)
 
 
 def _train(worker: Worker) -> None:
     cfg, state = worker.cfg, worker.state
-    batches = TrainBatches(cfg, worker.engine.device, worker.dtype, state.data_position)
+    batches = TrainBatches(cfg, worker.engine.device, worker.dtype, state.data_position, worker.stream)
     global_batch = worker.step_batch
-    window_start, window_samples = time.perf_counter(), 0
+    window_start, window_samples, window_paused = time.perf_counter(), 0, 0.0
+    pace = Pace(first_step=state.step)
     for images, tokens in batches:
         if state.step >= worker.stop_step:
+            break
+        if worker.driver.stop_requested():
+            worker.stopped = True
             break
         _set_patch_dropout(worker)
         result = optimizer_step(worker, images, tokens)
@@ -243,23 +214,38 @@ def _train(worker: Worker) -> None:
         state.step += 1
         state.nonfinite_in_row = 0
         if worker.resize is not None:
-            _log_resize_cost(worker)
-        if state.step % cfg.tracking.log_every_steps == 0 or state.step == 1:
+            log_resize_cost(worker)
+        if state.step % cfg.tracking.log_every_steps == 0 or not worker.logged_once:
             elapsed = time.perf_counter() - window_start
-            _log_step(worker, result, window_samples / max(elapsed, 1e-9), batches)
-            window_start, window_samples = time.perf_counter(), 0
+            step_s = (elapsed - window_paused) * global_batch / max(window_samples, 1)  # training alone
+            _log_step(worker, result, window_samples / max(elapsed, 1e-9), batches, pace.eta_s(state.step,
+                      worker.stop_step, step_s))
+            window_start, window_samples, window_paused = time.perf_counter(), 0, 0.0
         if state.step >= worker.stop_step:
             break
+        paused_from = time.perf_counter()
         if worker.evaluation.due(state.step):
             evaluate(worker)
             if state.step % cfg.checkpoint.every_steps:  # else the checkpoint's report carries the results
                 checkpoints.report_metrics(_report_metrics(worker))  # Ray Tune's schedulers act on them
         if state.step % cfg.checkpoint.every_steps == 0:
             state.data_position = batches.position()
-            checkpoints.save_and_report(worker.engine, state, worker.rank, _report_metrics(worker))
-    if state.step < worker.stop_step and worker.is_chief:
+            save(worker)
+        window_paused += pace.paused(time.perf_counter() - paused_from)
+    if worker.is_chief:
+        _note_data_health(worker, batches.error_counters())
+    if state.step < worker.stop_step and worker.is_chief and not worker.stopped:
         logger.warning("the data stream ended at step %d of %d", state.step, worker.stop_step)
     state.data_position = batches.position()
+
+
+def save(worker: Worker, extra_files: dict[str, str] | None = None) -> None:
+    """A checkpoint of this step (collective); the MLflow run id goes along once the store has given one."""
+    if worker.tracker is not None and worker.tracker.run_id:
+        worker.state.mlflow_run_id = worker.tracker.run_id
+    run = runs.run_location(worker.cfg.checkpoint.storage_path, worker.cfg.checkpoint.s3_endpoint_url, worker.cfg.name)
+    checkpoints.save_and_report(worker.engine, worker.state, worker.rank, _report_metrics(worker), run, extra_files)
+    worker.saved_step = worker.state.step
 
 
 def optimizer_step(worker: Worker, images: torch.Tensor, tokens: torch.Tensor) -> StepResult:
@@ -301,7 +287,8 @@ def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
     return float(all_reduce_sum(value.detach().float().reshape(1).cpu().clone())) / world_size
 
 
-def _log_step(worker: Worker, result: StepResult, samples_per_s: float, batches: TrainBatches) -> None:
+def _log_step(worker: Worker, result: StepResult, samples_per_s: float, batches: TrainBatches,
+              remaining_s: float) -> None:
     """Collective (loss averaged over ranks); rank 0 prints and sends to MLflow."""
     loss = _mean_over_ranks(result.loss, worker.world_size)
     metrics = {
@@ -321,14 +308,25 @@ def _log_step(worker: Worker, result: StepResult, samples_per_s: float, batches:
         bias = full_fp32_parameters(worker.engine, worker.cfg.deepspeed.zero_stage, ["logit_bias"])["logit_bias"]
         metrics["train/logit_bias"] = float(bias.reshape(()))
     worker.last_metrics.update(metrics)
+    if not worker.logged_once:  # this worker group ended its first step now: Tune's driver prints each trial's start
+        worker.last_metrics[FIRST_STEP_AT] = time.time()
     if worker.is_chief:
-        remaining_s = (worker.stop_step - worker.state.step) * worker.step_batch / max(samples_per_s, 1e-9)
         progress = f"step {worker.state.step}/{worker.cfg.schedule.total_steps} loss {loss:.4f} lr {metrics['train/lr']:.2e}"
-        if worker.state.step == 1:  # its time includes the stream's start-up: no rate to extrapolate yet
+        if not worker.logged_once:  # its time includes the stream's start-up: no rate to extrapolate yet
             logger.info("%s (rate and ETA from the next logged step)", progress)
         else:
-            logger.info("%s %.1f samples/s ETA %s", progress, samples_per_s, _duration(remaining_s))
+            logger.info("%s %.1f samples/s ETA %s", progress, samples_per_s, duration(remaining_s))
         worker.tracker.log_metrics(metrics, worker.state.step)
+        _note_data_health(worker, metrics)
+    worker.logged_once = True
+
+
+def _note_data_health(worker: Worker, counters: dict[str, float]) -> None:
+    """Rank 0: one line whenever the data skipped or lost since the last one changed (MLflow has the counts too)."""
+    health = data_health_line(counters)
+    if health is not None and health != worker.data_health:
+        worker.data_health = health
+        logger.warning("step %d: %s", worker.state.step, health)
 
 
 def evaluate(worker: Worker, *, final: bool = False) -> list[EvalResult]:
@@ -351,7 +349,8 @@ def evaluate(worker: Worker, *, final: bool = False) -> list[EvalResult]:
         worker.last_metrics.update(extra)
         if worker.is_chief:
             bad = f", {sum(result.bad_samples.values())} bad samples skipped" if result.bad_samples else ""
-            logger.info("step %d: %s (%d images%s)", worker.state.step, result.headline, result.images, bad)
+            logger.info("step %d: %s (%d images%s, %.1f s)", worker.state.step, result.headline, result.images, bad,
+                        result.seconds)
             worker.tracker.log_evaluation(result, worker.state.step, extra)
     return results
 
@@ -362,15 +361,29 @@ def _report_metrics(worker: Worker) -> dict[str, Any]:
 
 
 def _finish(worker: Worker) -> None:
-    """Final evaluation, export, final checkpoint (with the export), and the MLflow run closed."""
+    """Final evaluation, export, final checkpoint (with the export), the MLflow run closed, and the end report
+    for the driver (what reached MLflow). A run that ended short (the data stream ran out) is neither exported nor
+    registered; one stopped on request only gets its checkpoint."""
+    state = worker.state
+    if worker.stopped:
+        if worker.is_chief:
+            logger.info("stopping at step %d as the job asked", state.step)
+        if state.step > max(worker.saved_step, 0):  # nothing trained since the last save (or at all): none to add
+            save(worker)
+        if worker.is_chief:
+            worker.driver.report_end({"stopped": True, "step": state.step, "checkpoint_step": worker.saved_step,
+                                      **finish_tracking(worker, None, "KILLED")})
+        return
     evaluate(worker, final=True)
+    finished = state.step >= worker.cfg.schedule.total_steps
     with tempfile.TemporaryDirectory() as scratch:
-        export_path = write_export(worker, scratch)
-        extra = {EXPORT_FILE: export_path} if export_path else None
-        checkpoints.save_and_report(worker.engine, worker.state, worker.rank, _report_metrics(worker), extra)
-        if worker.tracker is not None:
-            finished = worker.state.step >= worker.cfg.schedule.total_steps
-            worker.tracker.finish(export_path, status="FINISHED" if finished else "KILLED")
+        exporting = finished or bool(worker.cfg.schedule.stop_after_steps)  # the same on every rank: collective
+        export_path = write_export(worker, scratch) if exporting else None  # rank 0's path, None on the others
+        if exporting or state.step > worker.saved_step:  # a stream that ran out right after a save: it stands
+            save(worker, {EXPORT_FILE: export_path} if export_path else None)
+        outcome = finish_tracking(worker, export_path if finished else None, "FINISHED" if finished else "KILLED")
+    if worker.is_chief:
+        worker.driver.report_end({"step": state.step, **outcome})
 
 
 def write_export(worker: Worker, directory: str) -> str | None:
@@ -381,13 +394,3 @@ def write_export(worker: Worker, directory: str) -> str | None:
     path = os.path.join(directory, EXPORT_FILE)
     torch.save(state, path)
     return path
-
-
-def _duration(seconds: float) -> str:
-    """``42 s``, ``7 min 5 s`` or ``3 h 20 min``: an ETA a person reads at a glance."""
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"

@@ -8,33 +8,12 @@ Who runs what (module: process):
 * ``space``: both (the search space in Tune's terms, and back to dotted run-config paths).
 """
 
-from orchestrator.tune.report import SearchSummary, TrialSummary, best_config_yaml, format_table, summarize
-from orchestrator.tune.search import STATE_FILE, Search, build_tuner, name_search, run_search
-from orchestrator.tune.space import flat_params, param_space
-from orchestrator.tune.trial import PARENT_TAG, SEARCH_TAG, TRIAL_TAG, SearchInfo, run_trial, trial_config
-from orchestrator.tune.trial_tracking import FAILURE_TAG, OUTCOME_TAG, TrialTracking, failure_reason
+from orchestrator.facade import lazy_facade
 
-__all__ = [
-    "FAILURE_TAG",
-    "OUTCOME_TAG",
-    "PARENT_TAG",
-    "SEARCH_TAG",
-    "STATE_FILE",
-    "Search",
-    "SearchInfo",
-    "SearchSummary",
-    "TRIAL_TAG",
-    "TrialSummary",
-    "TrialTracking",
-    "best_config_yaml",
-    "build_tuner",
-    "failure_reason",
-    "flat_params",
-    "format_table",
-    "name_search",
-    "param_space",
-    "run_search",
-    "run_trial",
-    "summarize",
-    "trial_config",
-]
+__all__, __getattr__, __dir__ = lazy_facade(__name__, {
+    ".report": ("SearchSummary", "TrialSummary", "best_config_yaml", "format_table", "summarize"),
+    ".search": ("STATE_FILE", "Search", "build_tuner", "name_search", "run_search"),
+    ".space": ("flat_params", "param_space"),
+    ".trial": ("PARENT_TAG", "SEARCH_TAG", "TRIAL_TAG", "SearchInfo", "run_trial", "trial_config"),
+    ".trial_tracking": ("FAILURE_TAG", "OUTCOME_TAG", "TrialTracking", "failure_reason"),
+})

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 
 from orchestrator import runs, storage
 from orchestrator.config import ConfigError, RunConfig
-from orchestrator.logs import drop_records, get_logger
+from orchestrator import noise
+from orchestrator.logs import get_logger
 from orchestrator.tune.space import param_space
 from orchestrator.tune.trial import SearchInfo, run_trial
 from orchestrator.tune.trial_tracking import TrialTracking
@@ -44,10 +44,20 @@ class Search:
 
 
 def name_search(cfg: RunConfig, resume: str | None) -> Search:
-    """A new search ``<tune.name>-<UTC timestamp>``, or the one ``resume`` names, with its saved config."""
+    """A new search ``<tune.name>-<UTC time>-<random>`` with its folder reserved (no two searches share one, see
+    ``runs.reserve``), or the one ``resume`` names, with its saved config. The tracking store must answer unless
+    ``tracking.required`` is false. Raises :class:`ConfigError` (exit 2) before Ray starts."""
+    from orchestrator.train import check_tracking
+
+    check_tracking(cfg, "search without tracking")
     root = runs.storage_root(cfg.checkpoint.storage_path, cfg.checkpoint.s3_endpoint_url)
     if resume is None:
-        name = f"{cfg.tune.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        name = runs.unique_run_name(cfg.tune.name)
+        try:
+            runs.reserve(root.child(name), {"name": name, "kind": "search"})
+        except runs.RunFolderTaken:
+            raise ConfigError(f"a folder {root.child(name).url} exists already: a new search never writes into "
+                              f"another's; continue that one with --resume {name}") from None
         return Search(name, root.child(name), cfg)
     folder = root.child(resume)
     try:
@@ -119,18 +129,12 @@ def run_search(search: Search):
     """Open (or reopen) the search's MLflow run, run every trial, and return Tune's ``ResultGrid``."""
     # The metric's set reports at its own period and checkpoints report in between: a report may lack it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Tune's console reporter (with verbose=0, the old one prints nothing): its banner would point at a
-    # TensorBoard folder in Ray's temp dir; TrialTracking prints every trial's start, reports and outcome.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # A trial that ASHA stops is asked to stop, but its thread is blocked in TorchTrainer.fit(), so its Train
     # run would go on (holding its workers) until Tune kills the trial actor, by default 600 s later (the
     # Tune + Train v2 issue, ray #54305). Killed sooner, the trial's Train controller dies with it (its
     # owner), its workers with the controller, and Ray Train's placement-group cleaner frees their resources.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(STOPPED_TRIAL_GRACE_S))
-    # A failed trial: Tune logs its whole traceback, then a list of unfinished trials; the line of
-    # TrialTracking (the error line) and Tune's own "errored ... Error file: <path>" line say it once.
-    drop_records("ray.tune.execution.tune_controller", "Trial task failed for trial")
-    drop_records("ray.tune.tune", "Trials did not complete")
+    noise.install(noise.TUNE_DRIVER)  # TrialTracking prints every trial's start, reports and outcome instead
     _open_parent_run(search)
     section = search.cfg.tune
     logger.info("search %s%s: %d samples over %s, %s on %s (%s), %d trial(s) at a time; state in %s",

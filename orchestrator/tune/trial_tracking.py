@@ -9,10 +9,13 @@ does both (status, and the tags ``rayclip.trial_outcome`` / ``rayclip.failure``)
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 from ray.tune import Callback
 
-from orchestrator.logs import get_logger
+from orchestrator.logs import duration, get_logger
+from orchestrator.runs import FIRST_STEP_AT
 from orchestrator.tune.space import flat_params, short_value
 from orchestrator.tune.trial import TRIAL_TAG
 
@@ -36,6 +39,9 @@ class TrialTracking(Callback):
         self.search_name, self.tracking_uri, self.experiment = search_name, tracking_uri, experiment
         self.metric, self.time_attr, self.max_t = metric, time_attr, max_t
         self.last: dict[str, dict] = {}
+        self.started: dict[str, float] = {}  # trial id -> when Tune started it (this driver's trials only)
+        self.start_cost: dict[str, float] = {}  # trial id -> seconds from its start to its first step
+        self.life: dict[str, float] = {}  # trial id -> seconds from its start to its end
 
     def _name(self, trial) -> str:
         return f"{self.search_name}-{trial.trial_id}"
@@ -43,14 +49,21 @@ class TrialTracking(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         params = ", ".join(f"{path}={short_value(value)}" for path, value in flat_params(trial.config).items())
         logger.info("trial %s started: %s", self._name(trial), params)
+        self.started[trial.trial_id] = time.time()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = result
+        started = self.started.get(trial.trial_id)
+        if started is not None and trial.trial_id not in self.start_cost and FIRST_STEP_AT in result:
+            self.start_cost[trial.trial_id] = result[FIRST_STEP_AT] - started
+            logger.info("trial %s reached its first step %s after it started", self._name(trial),
+                        duration(self.start_cost[trial.trial_id]))
         if self.metric in result:
             logger.info("trial %s at %s %s: %s %.4f", self._name(trial), self.time_attr, result.get(self.time_attr),
                         self.metric, result[self.metric])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial)
         reached = self.last.get(trial.trial_id, {}).get(self.time_attr, 0)
         if reached >= self.max_t:
             logger.info("trial %s finished", self._name(trial))
@@ -61,9 +74,25 @@ class TrialTracking(Callback):
         self._mark(trial, "KILLED", {OUTCOME_TAG: f"stopped early by ASHA at {self.time_attr} {reached}"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial)
         reason = failure_reason(_error_text(trial))
         logger.warning("trial %s failed: %s", self._name(trial), reason)
         self._mark(trial, "FAILED", {OUTCOME_TAG: "failed", FAILURE_TAG: reason})
+
+    def _ended(self, trial) -> None:
+        if trial.trial_id in self.started:
+            self.life[trial.trial_id] = time.time() - self.started[trial.trial_id]
+
+    def on_experiment_end(self, trials, **info):
+        """One line: how much of its trials' lives this search spent starting them."""
+        measured = [trial_id for trial_id in self.start_cost if trial_id in self.life]
+        if not measured:
+            return
+        starting = sum(self.start_cost[t] for t in measured)
+        living = sum(self.life[t] for t in measured)
+        logger.info("%d trial(s) spent %s of their %s starting (%d%%): %s a trial to its first step (median)",
+                    len(measured), duration(starting), duration(living), round(100 * starting / max(living, 1e-9)),
+                    duration(statistics.median(self.start_cost[t] for t in measured)))
 
     def _mark(self, trial, status: str | None, tags: dict[str, str]) -> None:
         """Tag the trial's MLflow run (found by its ``rayclip.trial`` tag) and set its status."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.local_servers import free_port, stop, wait_until_serving
+from harness.local_servers import free_port, stop, wait_until_serving
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from orchestrator import runs, storage
+
 pytestmark = pytest.mark.integration
 
 
@@ -38,8 +40,8 @@ def _rank(rank: int, world: int, port: int, mode: str, directory: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     import deepspeed
-    from ray.train import Checkpoint
 
+    from orchestrator import runs, storage
     from orchestrator.train import checkpoint as checkpoints
     from orchestrator.config import load_config
     from orchestrator.train import build_engine, build_model
@@ -59,7 +61,8 @@ def _rank(rank: int, world: int, port: int, mode: str, directory: str) -> None:
             engine.step()
         checkpoints.write_local_checkpoint(engine, checkpoints.TrainState(step=2, world_size=world), rank, directory)
     else:
-        state = checkpoints.restore(engine, Checkpoint.from_directory(directory), rank, world, local_rank=rank)
+        info = runs.checkpoint_info(storage.resolve(directory))  # its manifest, written as a save writes it
+        state = checkpoints.restore(engine, info, rank, world, local_rank=rank)
         assert state.step == 2 and state.world_size == world
     groups = _full_optimizer_state(engine, world)
     if rank == 0:
@@ -69,11 +72,12 @@ def _rank(rank: int, world: int, port: int, mode: str, directory: str) -> None:
 
 
 def test_two_rank_checkpoint_restores_exactly_on_one_and_three_ranks(tmp_path):
-    from tests.local_servers import free_port
+    from harness.local_servers import free_port
 
     directory = str(tmp_path / "checkpoint")
     os.makedirs(directory)
     mp.spawn(_rank, args=(2, free_port(), "write", directory), nprocs=2)
+    runs.write_manifest(storage.resolve(directory), 2, 2, runs.describe_files(directory))
     written = torch.load(os.path.join(directory, "write-2.pt"))
     assert written["steps"] == 2 and any(group[1].abs().sum() > 0 for group in written["groups"])
     for world in (1, 3):

@@ -1,20 +1,24 @@
 """Planted damage on a real S3 endpoint: each kind of bad data is dropped and counted exactly, the error budget
 stops the stream naming the shards, and missing buckets/prefixes/manifests fail before any work.
 
-Five shards of 12 Fashion-MNIST images are written locally, damaged, then uploaded with boto3:
+Seven shards of 12 Fashion-MNIST images are written locally, damaged, then uploaded with boto3:
 00000 one corrupt JPEG · 00001 truncated inside sample 5 · 00002 one caption removed and one JSON broken ·
-00003 listed in the manifest but never uploaded · 00004 intact.
+00003 listed in the manifest but never uploaded · 00004 intact · 00005 cut in half at a member boundary (a
+partial upload: tarfile alone sees a shorter, clean tar) · 00006 random bytes.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import random
+import re
 import tarfile
 from pathlib import Path
 
 import boto3
 import pytest
+import ray
 
 from jobs.prepare_data import main as prepare_main
 from orchestrator.data import (
@@ -25,7 +29,8 @@ from orchestrator.data import (
     open_shard_set,
     stream_counters,
 )
-from orchestrator.data import ManifestError, ShardOptions, fashion_mnist_records, prepare_shards
+from orchestrator.data import ManifestError, ShardOptions, data_health_line, fashion_mnist_records, prepare_shards
+from orchestrator.data.monitor import get_monitor
 from orchestrator.storage import StorageError
 
 pytestmark = pytest.mark.integration
@@ -52,6 +57,10 @@ def _truncate_inside(data: bytes, name: str) -> bytes:
     return data[: member.offset_data + member.size // 2]
 
 
+def _cut_before(data: bytes, name: str) -> bytes:
+    return data[: tarfile.open(fileobj=io.BytesIO(data)).getmember(name).offset]
+
+
 def _damage(folder: Path) -> dict[str, bytes]:
     shards = {path.name: path.read_bytes() for path in sorted(folder.glob("*.tar"))}
     corrupt_jpeg = b"\xff\xd8\xff\xe0garbage"
@@ -60,13 +69,15 @@ def _damage(folder: Path) -> dict[str, bytes]:
     shards["00002.tar"] = _rewrite(shards["00002.tar"], lambda n, p: None if n == "000020004.txt"
                                    else b"{not json" if n == "000020007.json" else p)
     del shards["00003.tar"]
+    shards["00005.tar"] = _cut_before(shards["00005.tar"], "000050006.jpg")
+    shards["00006.tar"] = random.Random(6).randbytes(len(shards["00006.tar"]))
     return shards
 
 
 @pytest.fixture(scope="module")
 def damaged_url(s3_endpoint, ray_session, tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("damaged")
-    records = fashion_mnist_records("train")[: 5 * SHARD]
+    records = fashion_mnist_records("train")[: 7 * SHARD]
     prepare_shards(records, str(folder), ShardOptions(shard_size=SHARD), workers=2, progress=lambda *a: None)
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket=BUCKET)
@@ -88,19 +99,29 @@ def test_each_kind_of_damage_drops_only_what_it_must(damaged_url, s3_endpoint):
     seen = [s for b in iter_train_batches(stream.dataset, cfg, stream.monitor_name) for s in b["sample_id"].tolist()]
     expected = {(0 << 32) | i for i in range(SHARD) if i != 3} | {(1 << 32) | i for i in range(5)}
     expected |= {(2 << 32) | i for i in range(SHARD) if i not in (4, 7)} | {(4 << 32) | i for i in range(SHARD)}
+    expected |= {(5 << 32) | i for i in range(6)}
     assert sorted(seen) == sorted(expected)
     counters = stream_counters(stream.monitor_name)
     assert {k: counters[k] for k in ("decode_error", "missing_caption", "bad_json", "missing_image")} == {
         "decode_error": 1, "missing_caption": 1, "bad_json": 1, "missing_image": 0}
-    assert (counters["truncated_shards"], counters["samples_lost_to_truncation"]) == (1, 7)
-    assert (counters["skipped_shards"], counters["samples_in_skipped_shards"], counters["read_retries"]) == (1, 12, 1)
-    assert counters["samples_consumed"] == len(expected) == 38
+    assert (counters["truncated_shards"], counters["samples_lost_to_truncation"]) == (2, 7 + 6)
+    assert (counters["skipped_shards"], counters["samples_in_skipped_shards"], counters["read_retries"]) == (2, 24, 1)
+    assert counters["count_mismatch_shards"] == 0 and counters["samples_consumed"] == len(expected) == 44
+    problems = ray.get(get_monitor(stream.monitor_name).get_problem_shards.remote())
+    assert re.fullmatch(r"epoch 0: 6 samples_lost_to_truncation \(cut short at byte \d+: the file ends after a "
+                        r"member, with no end-of-archive marker\)", *problems["00005.tar"])
+    assert problems["00006.tar"][0].startswith("epoch 0: 12 samples_in_skipped_shards (not a tar archive: ")
+    assert data_health_line(counters) == ("data: 3 bad samples skipped (1 undecodable image, 1 without caption, "
+                                          "1 with unreadable JSON); 13 samples lost to shards cut short (2 reads); "
+                                          "24 samples in unreadable shards (2 reads)")
 
 
 def test_error_budget_stops_the_stream_naming_the_shards(damaged_url, s3_endpoint):
-    cfg = _cfg(damaged_url, s3_endpoint, max_error_fraction=0.01)
+    # 00002's 2 bad samples fit in 0.1 of 36; the 6 that the tar cut in half lost do not, whichever is read first
+    cfg = _cfg(f"{damaged_url}/{{00002,00004,00005}}.tar", s3_endpoint, max_error_fraction=0.1)
     stream = build_train_dataset(cfg, epochs=1)
-    with pytest.raises(DataErrorBudgetExceeded, match=r"max_error_fraction=0.01 of 60; shards: 0000[0-3]\.tar"):
+    lost_to_the_cut = r"00005\.tar: epoch 0: 6 samples_lost_to_truncation \(cut short at byte \d+: the file ends after"
+    with pytest.raises(DataErrorBudgetExceeded, match=rf"max_error_fraction=0.1 of 36; shards: .*{lost_to_the_cut}"):
         for _ in iter_train_batches(stream.dataset, cfg, stream.monitor_name):
             pass
 

@@ -170,5 +170,4 @@ def test_a_lost_node_shrinks_the_run_and_a_returning_node_grows_it(tiny_run_conf
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT))
     _scenario(sys.argv[1], sys.argv[2])

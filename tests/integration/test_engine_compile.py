@@ -56,7 +56,7 @@ def _losses(compile_model: bool) -> tuple[list[float], bool]:
 
 
 def test_compiled_engine_trains_like_the_eager_one(tmp_path):
-    from tests.local_servers import free_port
+    from harness.local_servers import free_port
 
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2"}
@@ -72,7 +72,6 @@ def test_compiled_engine_trains_like_the_eager_one(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
 
+from jobs.cli import parse_evaluate_args
 from models import load_openai_checkpoint
 from orchestrator.config import load_config, resolve_local_paths
 from orchestrator.data import FASHION_MNIST_HELDOUT_TEMPLATE
-from orchestrator.eval import FeatureEncoder, parse_evaluate_args, prepare, run_evaluation
+from orchestrator.eval import FeatureEncoder, prepare, run_evaluation
 from orchestrator.train import build_trainer, name_run
 from tests.clip_benchmark_sets import stamp_captions, write_classification_set, write_image_folder, write_retrieval_set
 from tests.factories import artifact_paths
@@ -71,7 +72,7 @@ def trained(fashion_mnist_shards, sets, tmp_path_factory):
 
 def evaluate_in_session(*args: str) -> list:
     """``jobs/evaluate.py``'s steps in this process, on the session's Ray (no Ray start per call)."""
-    options, namespace = parse_evaluate_args(list(args), description="")
+    options, namespace = parse_evaluate_args(list(args), "")
     cfg = load_config(None, namespace.overrides)
     return run_evaluation(options, cfg, *prepare(options, cfg))
 

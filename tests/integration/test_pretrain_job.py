@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from harness.local_servers import free_port, stop_ray_head, submit_job, wait_until_serving
 from orchestrator.train import DEFAULT_EXTENSIONS_DIR
-from tests.local_servers import free_port, stop_ray_head, submit_job, wait_until_serving
 
 pytestmark = pytest.mark.integration
 

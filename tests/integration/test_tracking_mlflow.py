@@ -12,9 +12,9 @@ import torch
 from matplotlib.image import imread
 from mlflow import MlflowClient
 
+from harness.local_servers import free_port, stop, wait_until_serving
 from orchestrator.eval import EvalResult
 from orchestrator.tracking import MAX_PARAM_VALUE_CHARS, RunTracker, flatten_config
-from tests.local_servers import free_port, stop, wait_until_serving
 from tests.factories import TrackingSettings as Settings
 from tests.factories import artifact_paths, assert_registered, rayclip_records, write_export_file
 

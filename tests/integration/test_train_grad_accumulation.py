@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from harness.local_servers import free_port
 from models.loss import ClipLoss
 from models.registry import create_model
 from orchestrator.collectives import all_reduce_sum, gather_with_grad
 from orchestrator.train import accumulated_step, single_chunk_step
-from tests.local_servers import free_port
 
 pytestmark = pytest.mark.integration
 

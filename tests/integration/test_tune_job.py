@@ -83,7 +83,7 @@ def test_search_stops_fails_survives_its_driver_and_writes_a_runnable_best_confi
         first = subprocess.Popen(tune_command(fashion_mnist_shards, tmp_path), cwd=tmp_path, env=job_env(),
                                  stdout=handle, stderr=subprocess.STDOUT)
     try:
-        name = wait_for_line(log, r"search (rayclip-tune-\d{8}-\d{6})", first, 120).group(1)
+        name = wait_for_line(log, r"search (rayclip-tune-\d{8}-\d{6}-[0-9a-f]{4})", first, 120).group(1)
         wait_for_line(log, r"trial \S+_00001 stopped early by ASHA at step 4", first, 900)
         wait_for_line(log, r"trial \S+_00002 started", first, 300)
         time.sleep(10)  # the third trial is under way when the driver dies
@@ -93,6 +93,7 @@ def test_search_stops_fails_survives_its_driver_and_writes_a_runnable_best_confi
                              env=job_env(), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     out = resumed.stdout + resumed.stderr
+    assert re.search(r"trial \S+_00000 reached its first step (\d+ min )?\d+ s after it started", log.read_text())
     assert "_00000 started" not in out and "_00001 started" not in out  # done before the kill: not rerun
     # Tune's banner (a TensorBoard folder in Ray's temp dir) and Ray's lines about its own actors stay out
     noise = ["Configuration for experiment", "tensorboard --logdir", "ray-project/ray/issues/53727",
@@ -134,4 +135,4 @@ def test_search_stops_fails_survives_its_driver_and_writes_a_runnable_best_confi
                           "--set", "schedule.stop_after_steps=2", "--set", "eval.enabled=false"],
                          cwd=tmp_path, env=job_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert re.search(r"run: \S+-best-\d{8}-\d{6} \(2/16 steps\)", run.stdout), run.stdout[-2000:]
+    assert re.search(r"run: \S+-best-\d{8}-\d{6}-[0-9a-f]{4} \(2/16 steps\)", run.stdout), run.stdout[-2000:]

@@ -22,6 +22,7 @@ from orchestrator.data import (
     ShardRef,
     SourceShards,
     VisitTable,
+    data_health_line,
     decode_image,
     parse_shard,
     plan_epochs,
@@ -69,9 +70,106 @@ def test_truncated_tar_keeps_the_samples_before_the_damage():
     assert parse.truncated and [s.ordinal for s in parse.samples] == [0, 1, 2]
 
 
-def test_garbage_is_a_truncated_shard_with_no_samples():
-    parse = parse_shard(b"\x00garbage" * 100)
-    assert parse.samples == [] and parse.truncated
+class _ShortReads:
+    """A file system whose streams give at most 700 bytes a read (as a socket may), counting its opens."""
+
+    def __init__(self):
+        self.opens = 0
+
+    def open_input_stream(self, path):
+        self.opens += 1
+        data = open(path, "rb").read()
+
+        class Trickle(io.BytesIO):
+            def read(self, size=-1):
+                return super().read(700 if size < 0 else min(size, 700))
+
+        return Trickle(data)
+
+
+@pytest.fixture(params=["file", "short reads"])
+def read_tar(request, tmp_path):
+    """``read_tar(data, expected)``: a tar streamed from a real file as the read stage streams it, in blocks of 2;
+    returns the kept ordinals, the :class:`ShardRead` and the monitor's report against ``expected`` samples."""
+    def read(data: bytes, expected: int):
+        path = tmp_path / "shard.tar"
+        path.write_bytes(data)
+        location = storage.resolve(str(path))
+        if request.param == "short reads":
+            location = storage.Location(_ShortReads(), str(path), str(path))
+        shard = ShardRead()
+        blocks = list(stream_shard(location, shard, block_samples=2))
+        return [sample.ordinal for block in blocks for sample in block], shard, shard.report(expected)
+
+    return read
+
+
+def _header_offset(data: bytes, name: str) -> int:
+    return tarfile.open(fileobj=io.BytesIO(data)).getmember(name).offset
+
+
+def test_a_clean_tar_reads_whole_with_or_without_record_padding(read_tar):
+    data = _tar([_good(i) for i in range(6)])
+    last = tarfile.open(fileobj=io.BytesIO(data)).getmember("0005.json")
+    marker = last.offset_data + -(-last.size // 512) * 512  # the end-of-archive marker right after the last member
+    for tar in (data, data[:marker + 512]):  # tarfile's padded records; a writer that ends after one zero block
+        ordinals, read, report = read_tar(tar, expected=6)
+        assert ordinals == list(range(6)) and (read.truncated, read.skipped, read.error) == (False, False, None)
+        assert (report["lost"], report["count_gap"]) == (0, 0)
+    assert read_tar(_tar([]), expected=0)[1] == ShardRead()  # a tar of no samples is a clean, empty shard
+
+
+def test_a_tar_cut_at_a_member_boundary_is_truncation_not_a_shorter_tar(read_tar):
+    data = _tar([_good(i) for i in range(6)])
+    cut = _header_offset(data, "0004.jpg")  # where sample 4 would begin: tarfile alone sees a clean end
+    ordinals, read, report = read_tar(data[:cut], expected=6)
+    assert ordinals == [0, 1, 2, 3] and read.truncated and not read.skipped and dict(read.errors) == {}
+    assert read.error == f"cut short at byte {cut}: the file ends after a member, with no end-of-archive marker"
+    assert (report["lost"], report["count_gap"]) == (2, 0)
+    assert parse_shard(data[:cut]).truncated and parse_shard(data[:cut]).problem == read.error
+
+
+def test_the_sample_being_read_at_a_cut_is_kept_whole_or_counted_lost(read_tar):
+    data = _tar([_good(i) for i in range(6)])  # members in order KEY.jpg, KEY.txt, KEY.json
+    ordinals, read, report = read_tar(data[:_header_offset(data, "0004.txt")], expected=6)
+    assert ordinals == [0, 1, 2, 3] and dict(read.errors) == {} and report["lost"] == 2  # lost, not "no caption"
+    ordinals, read, report = read_tar(data[:_header_offset(data, "0004.json")], expected=6)
+    assert ordinals == [0, 1, 2, 3, 4] and read.truncated and report["lost"] == 1  # image + caption: a sample
+
+
+def test_a_tar_cut_inside_a_header_or_followed_by_garbage_is_truncation(read_tar):
+    data = _tar([_good(i) for i in range(6)])
+    boundary = _header_offset(data, "0004.jpg")
+    ordinals, read, report = read_tar(data[:boundary + 100], expected=6)
+    assert ordinals == [0, 1, 2, 3] and read.truncated and report["lost"] == 2
+    assert read.error == f"cut short at byte {boundary}: the file ends inside a header"
+    ordinals, read, report = read_tar(data[:boundary] + b"\x01" * 1024, expected=6)
+    assert ordinals == [0, 1, 2, 3] and read.truncated and report["lost"] == 2
+    assert read.error == (f"cut short at byte {boundary}: an invalid header where a member or the end-of-archive "
+                          f"marker should begin")
+
+
+def test_a_tar_cut_inside_a_members_data_names_the_member(read_tar):
+    data = _tar([_good(i) for i in range(6)])
+    cut = data.index(b"caption 3") - 600  # inside sample 3's image payload
+    ordinals, read, report = read_tar(data[:cut], expected=6)
+    assert ordinals == [0, 1, 2] and read.truncated and report["lost"] == 3
+    assert read.error == f"cut short at byte {cut}, in 0003.jpg: unexpected end of data"
+
+
+@pytest.mark.parametrize("data, reason", [(np.random.default_rng(0).bytes(30_000), "not a tar archive: "),
+                                          (b"", "not a tar archive: empty file")], ids=["random bytes", "empty file"])
+def test_a_file_that_is_no_tar_is_an_unreadable_shard_skipped_at_once(tmp_path, data, reason):
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    fs, read = _ShortReads(), ShardRead()
+    blocks = list(stream_shard(storage.Location(fs, str(path), str(path)), read, block_samples=2, retries=3))
+    assert blocks == [] and fs.opens == 1 and read.skipped and not read.truncated  # deterministic: not retried
+    assert read.error.startswith(reason) and read.failed_attempts == 1
+    report = read.report(2000)
+    assert (report["skipped"], report["lost"], report["count_gap"]) == (True, 2000, 0)
+    parse = parse_shard(data)
+    assert parse.unreadable and not parse.truncated and parse.problem == read.error
 
 
 def test_stream_shard_retries_then_gives_up(tmp_path):
@@ -207,6 +305,55 @@ def test_monitor_fails_past_the_error_budget_naming_the_shard():
     failure = monitor.get_failure()
     assert "epoch 0" in failure and "00000.tar: epoch 0: 3 samples_lost_to_truncation" in failure
     assert "00001.tar" in failure and "6 bad or lost samples" in failure
+
+
+def test_monitor_charges_a_cut_tar_and_skips_an_unreadable_one_naming_both(tmp_path):
+    data = _tar([_good(i) for i in range(8)])
+    (tmp_path / "00000.tar").write_bytes(data[:_header_offset(data, "0004.jpg")])  # cut in half
+    (tmp_path / "00001.tar").write_bytes(np.random.default_rng(1).bytes(len(data)))
+    monitor = DataStreamMonitor(_table(_source("a", [8, 8])), seed=0, max_error_fraction=0.5)
+    for shard in (0, 1):
+        read = ShardRead()
+        for _ in stream_shard(storage.resolve(str(tmp_path / f"{shard:05d}.tar")), read, block_samples=4, retries=2):
+            pass
+        monitor.record_read(0, shard, read.report(8))
+    counters = monitor.get_counters()
+    assert (counters["truncated_shards"], counters["samples_lost_to_truncation"]) == (1, 4)
+    assert (counters["skipped_shards"], counters["samples_in_skipped_shards"], counters["read_retries"]) == (1, 8, 0)
+    assert counters["count_mismatch_shards"] == 0
+    problems = monitor.get_problem_shards()
+    assert problems["00000.tar"] == ["epoch 0: 4 samples_lost_to_truncation (cut short at byte "
+                                     f"{_header_offset(data, '0004.jpg')}: the file ends after a member, with no "
+                                     "end-of-archive marker)"]
+    assert problems["00001.tar"][0].startswith("epoch 0: 8 samples_in_skipped_shards (not a tar archive: ")
+    failure = monitor.get_failure()  # 4 lost: within 0.5 of 16; 4 + 8 lost: over
+    assert "12 bad or lost samples" in failure and "not a tar archive" in failure and "cut short" in failure
+
+
+def test_monitor_names_a_cut_tar_that_lost_nothing():
+    monitor = DataStreamMonitor(_table(_source("a", [10])), seed=0, max_error_fraction=0.0)
+    read = ShardRead(yielded=10, truncated=True, error="cut short at byte 9216: the file ends after a member")
+    monitor.record_read(0, 0, read.report(10))
+    assert monitor.get_counters()["truncated_shards"] == 1 and monitor.get_failure() is None
+    assert monitor.get_problem_shards()["00000.tar"] == [
+        "epoch 0: 0 samples_lost_to_truncation (cut short at byte 9216: the file ends after a member)"]
+
+
+def test_data_health_line_names_each_kind_with_counts_and_units():
+    monitor = DataStreamMonitor(_table(_source("a", [10])), seed=0, max_error_fraction=1.0)
+    monitor.record_read(0, 0, _report(10))
+    assert data_health_line(monitor.get_counters()) is None  # clean data: nothing to say
+    counters = {**monitor.get_counters(), "decode_error": 12, "missing_caption": 2, "truncated_shards": 1,
+                "samples_lost_to_truncation": 250, "skipped_shards": 1, "samples_in_skipped_shards": 2000,
+                "count_mismatch_shards": 1, "samples_short_of_count": 12, "read_retries": 3}
+    line = ("data: 14 bad samples skipped (12 undecodable images, 2 without caption); 250 samples lost to shards "
+            "cut short (1 read); 2,000 samples in unreadable shards (1 read); 1 shard read off the listed count "
+            "(-12 samples)")
+    assert data_health_line(counters) == line
+    assert data_health_line({f"data/{name}": float(n) for name, n in counters.items()}) == line  # MLflow's names
+    assert data_health_line({"bad_json": 1, "count_mismatch_shards": 2, "samples_beyond_count": 3,
+                             "samples_short_of_count": 1}) == (
+        "data: 1 bad sample skipped (1 with unreadable JSON); 2 shard reads off the listed count (+3, -1 samples)")
 
 
 def test_monitor_reports_count_mismatches_without_charging_the_budget():

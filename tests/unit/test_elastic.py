@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from harness.local_servers import free_port
 from models import ClipLoss, create_model
 from orchestrator.collectives import all_gather_objects, all_reduce_sum, gather_with_grad
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.train import accumulated_step, single_chunk_step
 from tests.factories import parameter_gradients, random_batch
-from tests.local_servers import free_port
 
 GLOBAL_BATCH = 16
 MICRO_BATCH = 4

@@ -12,7 +12,9 @@ import pytest
 import models
 
 ROOT = Path(__file__).resolve().parents[2]
-LEAVES = {"orchestrator.storage", "orchestrator.runs", "orchestrator.logs", "orchestrator.collectives", "orchestrator.ray_start"}
+LEAVES = {"orchestrator.storage", "orchestrator.runs", "orchestrator.logs", "orchestrator.collectives", "orchestrator.ray_start",
+          "orchestrator.failures", "orchestrator.noise", "orchestrator.batch_split",
+          "orchestrator.process_guard"}
 
 
 def module_name(path: Path) -> str:
@@ -85,6 +87,35 @@ def test_no_import_cycle_inside_orchestrator():
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
+def package_graph() -> dict[str, set[str]]:
+    """The module graph collapsed to parts: each subpackage (``orchestrator.train``, ``orchestrator.plan``, ...)
+    is one node holding all of its modules, each top-level module (``orchestrator.storage``) a node of its own."""
+    packages = {name for name, path in orchestrator_modules().items() if path.name == "__init__.py"} - {"orchestrator"}
+
+    def part(module: str) -> str:
+        return next((p for p in packages if module == p or module.startswith(p + ".")), module)
+
+    graph: dict[str, set[str]] = {}
+    for module, targets in import_graph().items():
+        graph.setdefault(part(module), set()).update(part(t) for t in targets if part(t) != part(module))
+    return graph
+
+
+def test_no_import_cycle_between_packages():
+    """orchestrator.train may use orchestrator.plan, or the other way round, never both (through any module)."""
+    graph = package_graph()
+    assert "orchestrator.plan" in graph["orchestrator.train"], "the graph must see the real imports"
+    assert find_cycle(graph) is None, f"package cycle: {' -> '.join(find_cycle(graph))}"
+
+
+@pytest.mark.parametrize("tree", ["orchestrator", "models", "jobs"])
+def test_the_library_imports_no_tests_benchmarks_or_harness(tree):
+    """Measurement harnesses live beside the tests and benchmarks that use them (harness/), never in the library."""
+    for path in (ROOT / tree).rglob("*.py"):
+        bad = [m for m, _ in imports_of(path) if m.split(".")[0] in {"tests", "benchmarks", "harness"}]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
 def test_leaf_modules_import_nothing_of_ours_above_them():
     graph = import_graph()
     for leaf in LEAVES:
@@ -128,3 +159,76 @@ def test_no_module_outgrows_400_lines():
 def test_jobs_stay_thin():
     for path in (ROOT / "jobs").glob("*.py"):
         assert len(path.read_text().splitlines()) <= 65, f"{path.name} is no longer a thin entry point"
+
+
+def library_modules() -> list[Path]:
+    return list((ROOT / "orchestrator").rglob("*.py")) + list((ROOT / "models").rglob("*.py"))
+
+
+def attribute_uses(path: Path, owner: str, attribute: str) -> list[int]:
+    """Lines where ``owner.attribute`` is used (``sys.argv``, ``sys.path``), or imported by name from ``owner``."""
+    tree = ast.parse(path.read_text())
+    lines = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == attribute
+             and isinstance(node.value, ast.Name) and node.value.id == owner]
+    return lines + [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == owner
+                    and any(alias.name == attribute for alias in node.names)]
+
+
+def test_library_code_parses_no_command_line():
+    """Arguments are parsed at the edge (``jobs.cli``): no argparse, no ``sys.argv`` in orchestrator/ or models/."""
+    for path in library_modules():
+        assert not [m for m, _ in imports_of(path) if m == "argparse"], f"{path.relative_to(ROOT)} imports argparse"
+        assert not attribute_uses(path, "sys", "argv"), f"{path.relative_to(ROOT)} reads sys.argv"
+
+
+def test_library_code_never_edits_sys_path():
+    for path in library_modules():
+        assert not attribute_uses(path, "sys", "path"), f"{path.relative_to(ROOT)} touches sys.path"
+
+
+def test_the_checks_see_a_planted_argv_and_sys_path(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("import sys\nfrom sys import argv\nsys.path.insert(0, '.')\nprint(sys.argv)\n")
+    assert sorted(attribute_uses(planted, "sys", "argv")) == [2, 4] and attribute_uses(planted, "sys", "path") == [3]
+
+
+def test_jobs_call_the_library_through_its_package_facades():
+    """jobs/ (entry points and ``jobs.cli``) imports ``orchestrator.<package or leaf module>`` and ``models``,
+    never a module inside a package (``orchestrator.plan.report``) or inside models (``models.flops``)."""
+    for path in (ROOT / "jobs").rglob("*.py"):
+        for module, _ in imports_of(path):
+            parts = module.split(".")
+            deep = (parts[0] == "orchestrator" and len(parts) > 2) or (parts[0] == "models" and len(parts) > 1)
+            assert not deep, f"{path.relative_to(ROOT)} reaches past a facade into {module}"
+
+
+# Modules a small Ray actor or Ray Train's controller imports when it starts (the actor's class or the training
+# function is unpickled by reference), and the config every process reads. Each fresh process on a 2-core machine
+# paid 2-6 s to import torch, DeepSpeed, MLflow or scikit-learn through an eager package facade.
+LIGHT_MODULES = ["models", "orchestrator.config", "orchestrator.data.monitor", "orchestrator.data.stages",
+                 "orchestrator.train.run_control", "orchestrator.train.controller_datasets",
+                 "orchestrator.train.worker_entry", "jobs.cli"]
+HEAVY = ("torch", "torchvision", "deepspeed", "mlflow", "sklearn", "matplotlib")
+
+
+@pytest.mark.parametrize("module", LIGHT_MODULES)
+def test_what_small_actors_import_stays_light(module):
+    import subprocess
+    import sys
+
+    probe = f"import sys, {module}; print(','.join(n for n in {HEAVY!r} if n in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "", f"importing {module} loads {loaded.stdout.strip()}"
+
+
+def test_a_lazy_facade_gives_the_same_objects_as_its_modules():
+    import orchestrator.eval
+    import orchestrator.train
+    from orchestrator.eval.probe import linear_probe
+    from orchestrator.train.job import prepare_run
+
+    assert orchestrator.train.prepare_run is prepare_run
+    assert orchestrator.eval.fit_linear_probe is linear_probe  # an alias ("name as alias")
+    assert "prepare_run" in dir(orchestrator.train) and "prepare_run" in orchestrator.train.__all__
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        orchestrator.train.nothing_here  # noqa: B018

@@ -121,7 +121,7 @@ def test_locked_batch_norm_keeps_its_statistics_in_training_mode(norm_stats):
 
 
 def test_deepspeed_zero_1_2_3_train_the_text_tower_against_a_locked_image_tower(tmp_path):
-    from tests.local_servers import free_port
+    from harness.local_servers import free_port
 
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",

@@ -47,7 +47,10 @@ def test_forwarded_ray_lines_lose_only_the_named_noise(monkeypatch):
 
     from ray._private import worker
 
-    from orchestrator.logs import RAY_NOISE, drop_forwarded_lines
+    from orchestrator.logs import drop_forwarded_lines
+    from orchestrator.noise import DRIVER, DropForwarded, rules_for
+
+    RAY_NOISE = tuple(rule.fragment for rule in rules_for(DRIVER) if isinstance(rule, DropForwarded))
 
     monkeypatch.setattr(worker, "print_worker_logs", worker.print_worker_logs)  # restored after the test
     drop_forwarded_lines(*RAY_NOISE)

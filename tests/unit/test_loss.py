@@ -10,10 +10,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from harness.local_servers import free_port
 from models import create_model
 from models.loss import ClipLoss
 from orchestrator.collectives import gather_with_grad
-from tests.local_servers import free_port
 
 GLOBAL_BATCH = 8
 WORLD_SIZE = 2

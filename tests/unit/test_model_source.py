@@ -99,19 +99,59 @@ def write_tensor(path):
     torch.save(torch.zeros(3), path)
 
 
-@pytest.mark.parametrize("write", [
-    write_text,
-    write_unrelated_torch_dict,
-    pytest.param(write_plain_pickle, marks=pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")),
-    write_tensor,
+def write_module(path):
+    torch.save(nn.Linear(2, 2), path)
+
+
+def write_random_bytes(path):
+    path.write_bytes(bytes(range(7, 17)))
+
+
+@pytest.mark.parametrize("write, reason", [
+    (write_text, ""),
+    (write_unrelated_torch_dict, ""),
+    pytest.param(write_plain_pickle, "", marks=pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")),
+    (write_tensor, ""),
+    (write_module, "it pickles Python objects such as torch.nn.modules.linear.Linear"),
+    (write_random_bytes, "not a PyTorch file"),
 ])
-def test_a_file_that_is_not_a_clip_model_is_refused_naming_it(write, tmp_path):
+def test_a_file_that_is_not_a_clip_model_is_refused_naming_it_without_unsafe_advice(write, reason, tmp_path):
+    """PyTorch's own message for pickled objects or noise suggests ``weights_only=False``, which would run a
+    stranger's code."""
     path = tmp_path / "model.pt"
     write(path)
     with pytest.raises(ModelSourceError) as error:
         load_model_file(storage.resolve(str(path)))
     message = str(error.value)
-    assert message.startswith(f"{path}: neither a TorchScript archive nor a state dict in OpenAI's CLIP layout")
+    assert message.startswith(f"--model {path}: neither an OpenAI-layout state dict nor a TorchScript archive")
+    assert reason in message and len(message.splitlines()) == 1 and "weights_only" not in message
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_model_file_cut_in_half_is_called_damaged_or_truncated(openai_state, legacy, tmp_path):
+    whole, path = tmp_path / "whole.pt", tmp_path / "openai_model.pt"
+    torch.save(openai_state, whole, _use_new_zipfile_serialization=not legacy)
+    data = whole.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelSourceError) as error:
+        load_model_file(storage.resolve(str(path)), argument="model.init_from")
+    assert str(error.value).startswith(f"model.init_from {path}: damaged or truncated")
+
+
+def test_an_empty_file_is_named_empty(tmp_path):
+    path = tmp_path / "openai_model.pt"
+    path.touch()
+    with pytest.raises(ModelSourceError, match=r"^--model .*openai_model\.pt: the file is empty"):
+        load_model_file(storage.resolve(str(path)))
+
+
+def test_a_damaged_train_state_names_the_file(openai_state, tmp_path):
+    folder = tmp_path / "checkpoint_000003"
+    checkpoint_folder(folder, openai_state, step=3)
+    (folder / runs.STATE_FILE).write_text("{step: 3")
+    with pytest.raises(ModelSourceError) as error:
+        load_model(str(folder), load_config())
+    assert str(error.value) == f"--model {folder / runs.STATE_FILE}: not a JSON object (a damaged checkpoint)"
 
 
 def checkpoint_folder(folder, state: dict[str, torch.Tensor] | None, **train_state) -> None:
@@ -130,16 +170,23 @@ def test_a_checkpoint_folder_loads_its_export_and_remembers_its_run(openai_state
     assert_same_weights(loaded.model, openai_state)
 
 
-def test_a_run_folder_and_a_run_name_load_the_latest_checkpoint(openai_state, tmp_path):
+def test_a_run_folder_and_a_run_name_load_the_newest_intact_checkpoint(openai_state, tmp_path):
     run = tmp_path / "checkpoints" / "rayclip-local-1"
-    checkpoint_folder(run / "checkpoint_000001", None, mlflow_run_id="old", step=10)
-    checkpoint_folder(run / "checkpoint_000002", openai_state, mlflow_run_id="r1", step=20)
+    for step, state in ((10, None), (20, openai_state), (30, openai_state)):
+        checkpoint_folder(run / runs.checkpoint_dir_name(step), state, mlflow_run_id=f"r{step}", step=step)
+        location = runs.storage.resolve(str(run / runs.checkpoint_dir_name(step)))
+        runs.write_manifest(location, step, 1, runs.describe_files(location.path))
     (run / runs.RUN_SNAPSHOT).write_text(json.dumps(
-        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_000002"}}))
+        {"latest_checkpoint_result": {"checkpoint_dir_name": runs.checkpoint_dir_name(30)}}))
+    newest = run / runs.checkpoint_dir_name(30) / runs.EXPORT_FILE
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short: the run's newest intact checkpoint is step 20
     cfg = load_config(overrides=[f"checkpoint.storage_path={tmp_path / 'checkpoints'}"])
     for spec in (str(run), "rayclip-local-1"):
         loaded = load_model(spec, cfg)
-        assert (loaded.source, loaded.step, loaded.mlflow_run_id) == (str(run / "checkpoint_000002"), 20, "r1")
+        expected = (str(run / runs.checkpoint_dir_name(20)), 20, "r20")
+        assert (loaded.source, loaded.step, loaded.mlflow_run_id) == expected
+    with pytest.raises(ModelSourceError, match=r"a damaged checkpoint \(openai_model\.pt is 1,000 bytes, the manifest"):
+        load_model(str(run / runs.checkpoint_dir_name(30)), cfg)
 
 
 def test_a_folder_that_is_neither_a_checkpoint_nor_a_run_is_refused(tmp_path):
@@ -149,7 +196,8 @@ def test_a_folder_that_is_neither_a_checkpoint_nor_a_run_is_refused(tmp_path):
     with pytest.raises(ModelSourceError) as error:
         load_model(str(folder), load_config())
     message = str(error.value)
-    assert message.startswith(str(folder)) and f"{runs.STATE_FILE} missing" in message and runs.RUN_SNAPSHOT in message
+    assert message.startswith(f"--model {folder}: a folder that is neither") and f"{runs.STATE_FILE} missing" in message
+    assert runs.RUN_SNAPSHOT in message
 
 
 def test_a_name_that_is_no_file_and_no_run_names_where_runs_are_looked_for(tmp_path):

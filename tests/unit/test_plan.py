@@ -246,16 +246,26 @@ def test_the_gpu_recipes_fit_their_gpu_and_the_config_knows_every_planned_gpu():
         assert cfg.scaling.gpu_type == "h100" and memory_problems(cfg, None) == [], recipe
 
 
-def test_elastic_chunks_are_the_planners_wherever_the_configured_micro_batch_fits():
-    """The worker's chunk count (``RunConfig.accumulation_chunks``) is the planner's ``choose_micro_batch`` at
-    every count of the spot recipe's range, since its 128-sample micro-batch fits an H100 at each."""
+def test_one_rule_splits_a_share_into_the_fewest_chunks_spread_evenly():
+    """``orchestrator.batch_split.balanced_micro_batch``: the fewest chunks of at most ``largest`` rows, the rows
+    spread evenly over them. It is the rule of the worker's chunk count (``RunConfig.accumulation_chunks``) and
+    of the planner's ``choose_micro_batch``: at every count of the spot recipe's range (its 128-sample
+    micro-batch fits an H100 at each) both give the chunks pinned here for its 32,768 samples."""
+    from orchestrator.batch_split import balanced_micro_batch, worker_shares
     from orchestrator.config.loading import load_config
 
+    for share in range(1, 300):
+        for largest in (1, 3, 64, 128):
+            micro, chunks = balanced_micro_batch(share, largest)
+            assert chunks == -(-share // largest) and micro <= largest, (share, largest)
+            assert micro * (chunks - 1) < share <= micro * chunks and micro == -(-share // chunks), (share, largest)
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "vit_l14_spot.yaml")
-    for workers in (64, 65, 100, 128, 129, 200, 255, 256):
-        micro, chunks = choose_micro_batch(cfg, workers, "h100")
-        assert chunks == cfg.accumulation_chunks(workers), workers
-        assert micro <= cfg.deepspeed.micro_batch_size
+    pinned = {64: (128, 4), 65: (127, 4), 100: (110, 3), 128: (128, 2), 129: (128, 2), 200: (82, 2), 255: (65, 2),
+              256: (128, 1)}
+    for workers, (micro, chunks) in pinned.items():
+        assert balanced_micro_batch(max(worker_shares(32768, workers)), 128) == (micro, chunks), workers
+        assert choose_micro_batch(cfg, workers, "h100") == (micro, chunks), workers
+        assert cfg.accumulation_chunks(workers) == chunks and micro <= cfg.deepspeed.micro_batch_size, workers
 
 
 def test_a_locked_tower_keeps_no_gradient_optimizer_state_or_activations():

@@ -12,11 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from harness.local_servers import free_port
 from models import CLIP, SigLipLoss, create_model, get_model_spec, siglip_spec, weight_decay_groups
 from models.openai_checkpoint import load_openai_checkpoint
 from orchestrator.siglip_exchange import ring_text_blocks
 from tests.factories import parameter_gradients, random_batch
-from tests.local_servers import free_port
 
 GLOBAL_BATCH = 16
 

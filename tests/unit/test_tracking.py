@@ -91,25 +91,31 @@ def test_from_config_reads_every_field():
     assert [s for s in range(0, 60) if tracker.should_log(s)] == [0, 25, 50]
 
 
-def test_unreachable_server_warns_once_and_every_call_is_a_no_op(monkeypatch, caplog, tmp_path):
+def test_unreachable_server_costs_training_no_time_and_the_end_says_what_it_did_not_get(monkeypatch, caplog, tmp_path):
+    """Calls return at once while nothing answers; `start` waits its few seconds, `finish` its flush timeout, then
+    one warning and a report of every value and file that waits."""
     for name in HTTP_ENV:
         monkeypatch.delenv(name, raising=False)
     uri = closed_port_uri()
-    tracker = RunTracker.from_config(Settings(uri=uri, register_model_name="m", system_metrics=True))
+    tracker = RunTracker.from_config(Settings(uri=uri, register_model_name="m", system_metrics=True),
+                                     start_wait_s=2.0, flush_timeout_s=2.0)
     with rayclip_records(caplog) as records:
-        started = time.monotonic()
         run_id = tracker.start({"model": {"name": "RN50"}}, "model:\n  name: RN50\n", world_size=2)
-        tracker.log_metrics({"loss": 1.0}, step=0)
+        started = time.monotonic()
+        for step in range(50):
+            tracker.log_metrics({"loss": 1.0, "lr": 0.1}, step=step)
         tracker.log_evaluation(zero_shot_result(), 10, {"zero_shot_top1": 0.5})
+        logging_s = time.monotonic() - started
         model = tmp_path / "clip.pt"
         model.write_bytes(b"not used")
-        tracker.finish(str(model))
-        elapsed = time.monotonic() - started
-    assert run_id is None and not tracker.active
+        report = tracker.finish(str(model))
+    assert run_id is None and not tracker.active and tracker.disabled
+    assert logging_s < 1.0, f"logging against an unreachable server took {logging_s:.1f} s"
+    assert report.sent_values == 0 and report.pending_values == 50 * 2 + 3
+    assert "the exported model" in report.pending and "the plots of pets at step 10" in report.pending
+    assert len(tracker.unsent_metrics) == 103 and {m["key"] for m in tracker.unsent_metrics} >= {"loss", "lr"}
     warnings = [r for r in records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert uri in warnings[0].getMessage()
-    assert elapsed < 15, f"an unreachable server cost {elapsed:.1f}s"
+    assert len(warnings) == 1 and uri in warnings[0].getMessage() and "connection refused" in warnings[0].getMessage()
 
 
 def test_http_uri_sets_short_retry_defaults_without_overriding_the_operator(monkeypatch):
@@ -182,15 +188,18 @@ def test_short_retry_defaults_make_mlflow_itself_give_up_in_seconds(monkeypatch)
     assert time.monotonic() - started < 15
 
 
-def test_a_corrupt_local_store_warns_and_training_goes_on(caplog, tmp_path):
-    """A sqlite file left broken by a killed run raises SQLAlchemy errors: one warning, then no-ops."""
+def test_a_corrupt_local_store_is_refused_once_and_training_goes_on(caplog, tmp_path):
+    """A sqlite file that is no database refuses every write alike: one warning, nothing retried for ever."""
     store = tmp_path / "mlflow.db"
     store.write_bytes(b"this is not a sqlite database" * 100)
-    tracker = RunTracker.from_config(Settings(uri=f"sqlite:///{store}"))
+    tracker = RunTracker.from_config(Settings(uri=f"sqlite:///{store}"), flush_timeout_s=5.0)
     with rayclip_records(caplog) as records:
+        started = time.monotonic()
         run_id = tracker.start({"optim": {"lr": 1e-3}}, "optim:\n  lr: 0.001\n")
         tracker.log_metrics({"loss": 1.0}, step=0)
-    assert run_id is None and not tracker.active
+        report = tracker.finish(None)
+    assert run_id is None and tracker.disabled and time.monotonic() - started < 5.0
+    assert len(report.rejected) == 3 and report.pending_values == 0
     assert len([r for r in records if r.levelno == logging.WARNING]) == 1
 
 
@@ -208,6 +217,7 @@ def test_log_evaluation_writes_metrics_and_figures_and_redraws_the_curve_after_a
     second.log_evaluation(zero_shot_result(top1=0.5), 20)
     assert second.evaluation_history["pets"] == [(10, 0.25), (20, 0.5)]  # the curve keeps the steps before the restart
     assert not RunTracker(uri=uri, experiment="eval").attach("0" * 32)
+    second.finish(None, status=None)  # waits for what its outbox holds (metrics, then figures drawn there)
 
     assert metric_history(uri, run_id, "eval/pets/zeroshot_top1") == {10: 0.25, 20: 0.5}
     assert metric_history(uri, run_id, "zero_shot_top1") == {10: 0.25}

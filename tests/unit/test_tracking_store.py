@@ -40,7 +40,9 @@ def test_store_failure_mid_run_warns_once_and_training_goes_on(monkeypatch, tmp_
         tracker.finish(None)
     warnings = [r for r in records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "sqlite:///mlflow.db" in warnings[0].getMessage()
-    assert not tracker.active
+    assert not tracker.active and tracker.disabled
+    *metrics, status = [entry.split(":")[0] for entry in tracker.report.rejected]
+    assert metrics and set(metrics) == {"metrics"} and status == "the run's status (FINISHED)"
 
 
 def test_resume_of_an_unknown_run_starts_a_new_one(monkeypatch, tmp_path, caplog):

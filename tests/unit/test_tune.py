@@ -110,3 +110,34 @@ def test_best_config_is_a_run_config_with_the_best_values(tmp_path):
     best = RunConfig.from_dict(body)
     assert best.optim.lr == 0.0042 and best.schedule.kind == "linear" and best.tune is None
     assert best.model == cfg.model and best.data == cfg.data
+
+
+def test_each_trials_start_and_the_searchs_share_of_starting_are_printed(caplog, monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    from orchestrator.runs import FIRST_STEP_AT
+    from orchestrator.tune.trial_tracking import TrialTracking
+    from tests.factories import rayclip_records
+
+    clock = [1000.0]
+    monkeypatch.setattr("orchestrator.tune.trial_tracking.time.time", lambda: clock[0])
+    monkeypatch.setattr(TrialTracking, "_mark", lambda *args: None)  # MLflow is another test's
+    tracking = TrialTracking(search_name="s", tracking_uri="sqlite:///unused.db", experiment="e", metric="loss",
+                             time_attr="step", max_t=8)
+    fast, slow = SimpleNamespace(trial_id="00000", config={}), SimpleNamespace(trial_id="00001", config={})
+    with rayclip_records(caplog, logging.INFO) as records:
+        tracking.on_trial_start(0, [], fast)
+        tracking.on_trial_start(0, [], slow)
+        tracking.on_trial_result(0, [], fast, {"step": 4, "loss": 2.0, FIRST_STEP_AT: 1030.0})
+        tracking.on_trial_result(0, [], fast, {"step": 8, "loss": 1.0, FIRST_STEP_AT: 1090.0})  # a restart: not a start
+        tracking.on_trial_result(0, [], slow, {"step": 4, "loss": 3.0, FIRST_STEP_AT: 1050.0})
+        clock[0] = 1100.0
+        tracking.on_trial_complete(0, [], fast)
+        tracking.on_trial_complete(0, [], slow)
+        tracking.on_experiment_end([])
+    lines = [record.getMessage() for record in records]
+    assert "trial s-00000 reached its first step 30 s after it started" in lines
+    assert "trial s-00001 reached its first step 50 s after it started" in lines
+    assert lines[-1] == ("2 trial(s) spent 1 min 20 s of their 3 min 20 s starting (40%): 40 s a trial to its "
+                         "first step (median)")

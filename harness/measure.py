@@ -10,7 +10,7 @@ on a GPU.
 
 Collectives are counted by wrapping ``torch.distributed``'s functions before DeepSpeed binds them, as
 payloads (an all-reduce's tensor, an all-gather's output, a reduce-scatter's or reduce's input), which
-is what ``orchestrator.plan.timing.collective_payloads`` predicts.
+is what ``orchestrator.plan.collective_payloads`` predicts.
 """
 
 from __future__ import annotations

@@ -50,9 +50,15 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks in place (no-op without a process group); returns it."""
+    """Sum a tensor over ranks in place (no-op without a process group); returns it. A CPU tensor (a flag, a count)
+    goes through this rank's GPU where the process group is NCCL's alone, which reduces device tensors only."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+            staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(staged, op=dist.ReduceOp.SUM)
+            tensor.copy_(staged)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 

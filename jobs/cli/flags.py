@@ -114,7 +114,7 @@ class _PlanParser(argparse.ArgumentParser):
 def parse_plan_args(argv: list[str] | None, description: str | None) -> tuple[PlanRequest, bool]:
     """``jobs/plan.py``: the request and whether ``--json`` was given; ``PlanArgumentError`` for a bad flag."""
     from models import list_models
-    from orchestrator.plan import GPU_TYPES, PAPER_SAMPLES, PlanRequest
+    from orchestrator.plan import GPU_TYPES, PAPER_SAMPLES, UPLOAD_GBPS, PlanRequest
 
     parser = job_parser(description, _PlanParser)
     parser.add_argument("--model", help=f"architecture; allowed: {', '.join(list_models())} (default: --config's)")
@@ -134,6 +134,8 @@ def parse_plan_args(argv: list[str] | None, description: str | None) -> tuple[Pl
     parser.add_argument("--samples", type=float, default=PAPER_SAMPLES, help="samples to train (default 12.8e9)")
     parser.add_argument("--mfu", type=float, help="model FLOP utilisation (default: measured, benchmarks/results)")
     parser.add_argument("--compile", action="store_true", help="take the MFU measured with torch.compile")
+    parser.add_argument("--upload-gbps", type=float, default=UPLOAD_GBPS, help="each worker's upload rate to the "
+                        f"checkpoint storage, GB/s, for the checkpoint's cost (default {UPLOAD_GBPS})")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--write-config", metavar="OUT.yaml", help="write the matching run config")
     flags = vars(parser.parse_args(argv))

@@ -240,6 +240,10 @@ class CheckpointConfig(ConfigSection):
     come from the standard AWS chain, never from this file."""
     every_steps: int = Field(default=100, gt=0)
     """Checkpoint every N optimizer steps (and at the end)."""
+    background: bool = True
+    """Upload checkpoints on a background thread: training stops only while each rank writes its files to local
+    scratch disk, and a checkpoint counts (manifest, Ray Train) once every rank's upload succeeded. False uploads
+    before training goes on. The final checkpoint is always complete before the run ends."""
     num_to_keep: int | None = Field(default=2, gt=0)
     """Most recent checkpoints kept in storage; null keeps all."""
     max_failures: int = Field(default=3, ge=-1)

@@ -14,6 +14,7 @@ from models import ModelSpec
 from orchestrator.batch_split import balanced_micro_batch, worker_shares
 from orchestrator.config import RunConfig
 from orchestrator.plan.activations import Precision
+from orchestrator.plan.checkpoints import UPLOAD_GBPS, CheckpointCost, checkpoint_cost
 from orchestrator.plan.gpus import GIB, GPU_TYPES, GpuType, get_gpu_type
 from orchestrator.plan.memory import MemoryEstimate, StepShape, TowerLock, estimate_memory
 from orchestrator.plan.timing import days_for, measured_mfu, step_time
@@ -101,6 +102,7 @@ class Plan:
     gpu_hours: float
     nodes: int
     gpus_per_node: int
+    checkpoint: CheckpointCost
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,7 +116,8 @@ def _gib(estimate: MemoryEstimate) -> dict[str, float]:
 def plan(spec: ModelSpec, *, gpus: int, gpu_type: str, global_batch: int, flops_per_sample: float,
          zero_stage: int = 1, precision: Precision = "autocast", grad_checkpointing: bool = True,
          micro_batch: int | None = None, mfu: float | None = None, compiled: bool = False,
-         samples: float = PAPER_SAMPLES, locks: tuple[TowerLock, ...] = (), patch_dropout: float = 0.0) -> Plan:
+         samples: float = PAPER_SAMPLES, locks: tuple[TowerLock, ...] = (), patch_dropout: float = 0.0,
+         upload_gbps: float = UPLOAD_GBPS) -> Plan:
     """Plan a run of ``spec`` on ``gpus`` GPUs of ``gpu_type``; ``micro_batch=None`` takes the largest that fits.
 
     ``flops_per_sample`` is :func:`orchestrator.plan.timing.train_flops_per_sample` of the model library's
@@ -154,6 +157,7 @@ def plan(spec: ModelSpec, *, gpus: int, gpu_type: str, global_batch: int, flops_
         feature_comm_s=timing.feature_comm_s, step_time_s=timing.step_s, samples_per_s=samples_per_s,
         scaling_efficiency=scaling_efficiency(shape, gpu, flops_per_sample, rate), samples=samples, days=days,
         gpu_hours=days * 24 * gpus, nodes=math.ceil(gpus / gpu.gpus_per_node), gpus_per_node=gpu.gpus_per_node,
+        checkpoint=checkpoint_cost(shape, upload_gbps),
     )
 
 

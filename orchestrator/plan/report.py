@@ -14,6 +14,7 @@ import yaml
 from models import ModelSpec, forward_flops, get_model_spec, list_models
 from orchestrator.config import ConfigError, RunConfig, ScheduleConfig, load_config
 from orchestrator.plan.activations import PRECISIONS
+from orchestrator.plan.checkpoints import UPLOAD_GBPS
 from orchestrator.plan.gpus import GPU_TYPES
 from orchestrator.plan.memory import TowerLock
 from orchestrator.plan.planner import PAPER_SAMPLES, Plan, config_locks, plan
@@ -46,6 +47,7 @@ class PlanRequest:
     samples: float = PAPER_SAMPLES
     mfu: float | None = None
     compile: bool = False
+    upload_gbps: float = UPLOAD_GBPS
     write_config: str | None = None
 
 
@@ -63,6 +65,7 @@ def check_request(request: PlanRequest) -> None:
         ("--grad-checkpointing", request.grad_checkpointing is None or request.grad_checkpointing in ON_OFF, "on, off"),
         ("--samples", math.isfinite(request.samples) and request.samples > 0, "a finite positive number, e.g. 12.8e9"),
         ("--mfu", request.mfu is None or 0 < request.mfu <= 1, "a fraction in (0, 1]"),
+        ("--upload-gbps", math.isfinite(request.upload_gbps) and request.upload_gbps > 0, "a positive number of GB/s"),
         ("--lock", all(tower in ("image", "text") for tower in request.lock), "image, text"),
         ("--patch-dropout", request.patch_dropout is None or 0 <= request.patch_dropout < 1, "a share in [0, 1)"),
     ]
@@ -109,6 +112,7 @@ def resolve(request: PlanRequest) -> tuple[ModelSpec, dict[str, Any], RunConfig 
         "mfu": request.mfu,
         "compiled": request.compile or bool(base and base.model.compile),
         "samples": request.samples,
+        "upload_gbps": request.upload_gbps,
         "locks": tuple(TowerLock(tower) for tower in dict.fromkeys(request.lock)) if request.lock else
         (config_locks(base) if base and not request.model else ()),
         "patch_dropout": request.patch_dropout if request.patch_dropout is not None else
@@ -185,6 +189,11 @@ def format_plan(result: Plan) -> str:
               "  weak-scaling efficiency: " + ", ".join(f"{n} GPUs {e:.0%}" for n, e in result.scaling_efficiency.items()),
               f"  {result.samples:.3g} samples: {result.days:.2f} days, {result.gpu_hours:,.0f} GPU-hours "
               f"({result.nodes} nodes x {result.gpus_per_node})"]
+    cost = result.checkpoint
+    lines += ["", f"checkpoint: {cost.total_bytes / 1e9:.2f} GB in all, {cost.largest_rank_bytes / 1e9:.2f} GB from the "
+              f"rank that writes most (ZeRO-{result.zero_stage}); training stops {cost.stall_background_s:.2f} s for it "
+              f"with the background upload (checkpoint.background, the default), {cost.stall_upload_first_s:.2f} s "
+              f"uploading first (at {cost.upload_gbps:g} GB/s per worker, --upload-gbps)"]
     return "\n".join(lines)
 
 

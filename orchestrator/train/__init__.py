@@ -8,8 +8,9 @@ Who runs what (module: process):
   Ctrl-C; what the job prints at its end); ``run_control``: the stop request (driver: the actor; workers: rank 0
   asks it);
 * ``controller_datasets``: Ray Train's controller (the train stream, rebuilt at every worker-group start);
-* ``worker_loop``, ``worker_batches``, ``worker_tracking``, ``engine``, ``parameters``, ``step``, ``checkpoint``,
-  ``schedule``: each Train worker (the DeepSpeed engine, the contrastive step, checkpoints, learning-rate schedule);
+* ``worker_loop``, ``worker_batches``, ``worker_tracking``, ``worker_checkpoints``, ``engine``, ``parameters``,
+  ``step``, ``checkpoint``, ``checkpoint_upload``, ``schedule``: each Train worker (the DeepSpeed engine, the
+  contrastive step, checkpoints and their background upload, learning-rate schedule);
 * ``initial_weights``: each Train worker (``model.init_from`` loaded into the new model), and the driver's check
   of it before Ray starts.
 """

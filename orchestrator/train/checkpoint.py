@@ -12,7 +12,8 @@ A checkpoint folder (``<checkpoint.storage_path>/<run>/checkpoint_step_NNNNNNNN`
 
 Every rank uploads its own files (reporting from rank 0 only, as Ray's examples do, would lose every other
 rank's ZeRO partition: Ray #33369); the checkpoint is then reported to Ray Train, which keeps the last
-``checkpoint.num_to_keep``. Loading verifies the files against the manifest first (``restore``).
+``checkpoint.num_to_keep``. Loading verifies the files against the manifest first (``restore``). The
+save itself: ``checkpoint_upload``.
 
 Resume on another worker count (a resized cluster, ``--resume`` with a new ``scaling.num_workers``): ZeRO
 optimizer partitions are per rank, so the checkpoint is first converted to DeepSpeed's *universal* layout
@@ -25,7 +26,6 @@ did not have start fresh RNG streams.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import random
@@ -36,15 +36,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import pyarrow.fs as pafs
 import torch.distributed as dist
 
-from orchestrator import runs, storage
-from orchestrator.collectives import all_gather_objects, broadcast_from_chief
+from orchestrator import runs
+from orchestrator.collectives import all_gather_objects
 from orchestrator.data import DataPosition
 from orchestrator.failures import CannotHeal
 from orchestrator.logs import get_logger
-from orchestrator.runs import DEEPSPEED_TAG, STATE_FILE, checkpoint_dir_name
+from orchestrator.runs import DEEPSPEED_TAG, STATE_FILE
 
 logger = get_logger("train")
 
@@ -116,109 +115,6 @@ class CheckpointNotSaved(CannotHeal):
 
 class CheckpointDamaged(RuntimeError):
     """A checkpoint's files do not match its manifest. Retried: the next start skips it (it is marked damaged)."""
-
-
-def save_and_report(engine, state: TrainState, rank: int, metrics: dict[str, Any], run: storage.Location,
-                    extra_files=None) -> str:
-    """Save this rank's shard into the folder of ``run`` (``runs.run_location``), then the manifest (rank 0, once
-    every rank's files are there), then report the checkpoint to Ray Train (collective). Returns its URL.
-
-    rayclip uploads the files itself (Ray Train is told ``NO_UPLOAD``) so that the manifest can be written
-    after every rank's upload succeeded. A failed upload on any rank removes the folder and raises
-    :class:`CheckpointNotSaved` on every rank, naming where it failed. ``extra_files`` maps names to local
-    paths copied into the checkpoint (rank 0's export).
-    """
-    import ray.train
-    from ray.train import CheckpointUploadMode
-
-    name = _agreed_dir_name(run, state.step)
-    target = run.child(name)
-    directory = tempfile.mkdtemp(prefix=f"rayclip-ckpt-{state.step:08d}-r{rank}-")
-    try:
-        write_local_checkpoint(engine, state, rank, directory)  # collective (DeepSpeed's own barriers)
-        for file_name, path in (extra_files or {}).items():
-            shutil.copyfile(path, os.path.join(directory, file_name))
-        files, failure = _upload(directory, target)
-        outcomes = all_gather_objects((files, failure))
-        failures = [f"rank {r}: {failure}" for r, (_, failure) in enumerate(outcomes) if failure]
-        if not failures and rank == 0:
-            failures = _finish_manifest(target, state, outcomes)
-        failures = broadcast_from_chief(failures)
-        if failures:
-            if rank == 0:
-                _remove(target)
-            raise CheckpointNotSaved(f"the step-{state.step} checkpoint was not saved ({failures[0]}); its partial "
-                                     f"folder {target.url} was removed")
-        storage_context = ray.train.get_context().get_storage()  # Ray Train manages what is on its own filesystem
-        reported = ray.train.Checkpoint(storage_context.build_checkpoint_path_from_name(name),
-                                        storage_context.storage_filesystem)
-        ray.train.report(metrics, checkpoint=reported if rank == 0 else None, checkpoint_dir_name=name,
-                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
-        if rank == 0:
-            logger.info("step %d: checkpoint saved to %s", state.step, target.url)
-        return target.url
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _agreed_dir_name(run: storage.Location, step: int) -> str:
-    """The step's folder name, chosen by rank 0 among those not yet in storage (a step saved again after a resume
-    from an older checkpoint must not write into the folder of its first save)."""
-    name = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        attempt = 1
-        while storage.exists(run.child(checkpoint_dir_name(step, attempt))):
-            attempt += 1
-        name = checkpoint_dir_name(step, attempt)
-    return broadcast_from_chief(name)
-
-
-def _upload(directory: str, target: storage.Location) -> tuple[dict, str | None]:
-    """This rank's files described (sizes, SHA-256) and copied to ``target``; a failure as one line instead."""
-    try:
-        files = runs.describe_files(directory)
-        target.fs.create_dir(target.path, recursive=True)
-        pafs.copy_files(directory, target.path, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=target.fs)
-        return files, None
-    except Exception as error:  # noqa: BLE001 (whatever storage raised, this checkpoint was not saved)
-        return {}, _write_failure(error, target)
-
-
-def _write_failure(error: Exception, target: storage.Location) -> str:
-    """What went wrong writing ``target``, with the free space there when it is a local disk."""
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    disk_full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text
-    where = None if target.is_s3 else _existing_parent(target.path)
-    if disk_full and where is not None:
-        usage = shutil.disk_usage(where)
-        return (f"no space left on the disk holding {where} ({usage.free / 1e6:.1f} MB free of "
-                f"{usage.total / 1e6:.1f} MB): {text}")
-    return text
-
-
-def _existing_parent(path: str) -> str | None:
-    """The nearest existing local folder of ``path``."""
-    while path and not os.path.isdir(path):
-        path = os.path.dirname(path)
-    return path or None
-
-
-def _finish_manifest(target: storage.Location, state: TrainState, outcomes: list) -> list[str]:
-    """Rank 0: the merged file table written as the manifest, last; a failure as one line."""
-    files = {name: entry for rank_files, _ in outcomes for name, entry in rank_files.items()}
-    try:
-        runs.write_manifest(target, state.step, len(outcomes), files)
-    except Exception as error:  # noqa: BLE001 (whatever storage raised, the checkpoint is not complete)
-        return [f"rank 0: {_write_failure(error, target)}"]
-    return []
-
-
-def _remove(target: storage.Location) -> None:
-    try:
-        runs.remove_checkpoint(target)
-    except OSError as error:
-        logger.warning("could not remove the partial checkpoint folder %s (%s)", target.url, error)
 
 
 class NoIntactCheckpoint(CannotHeal):

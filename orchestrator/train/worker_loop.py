@@ -28,10 +28,17 @@ from orchestrator.data import data_health_line
 from orchestrator.eval import EvalResult, InLoopEvaluation
 from orchestrator.failures import CannotHeal, explains_itself
 from orchestrator.logs import duration, get_logger, setup_logging
-from orchestrator import noise, runs
+from orchestrator import noise
 from orchestrator.runs import EXPORT_FILE, FIRST_STEP_AT
 from orchestrator.train import checkpoint as checkpoints
+from orchestrator.train.checkpoint_upload import PendingCheckpoint
 from orchestrator.train.run_control import DriverLink
+from orchestrator.train.worker_checkpoints import (
+    finish_checkpoint,
+    finish_checkpoint_if_uploaded,
+    reported_metrics,
+    save,
+)
 from orchestrator.train.worker_tracking import (
     Pace,
     Resize,
@@ -81,7 +88,9 @@ class Worker:
     stopped: bool = False
     """The run stopped on the driver's request (it ends with a checkpoint, without the final evaluation)."""
     saved_step: int = -1
-    """The step of the last checkpoint this worker group saved."""
+    """The step of the last checkpoint this worker group completed."""
+    pending_checkpoint: PendingCheckpoint | None = None
+    """A checkpoint still uploading in the background (``checkpoint.background``)."""
     logged_once: bool = False
     """This worker group logged a step already (the first one's time includes the stream's start-up)."""
     data_health: str | None = None
@@ -224,28 +233,21 @@ def _train(worker: Worker) -> None:
         if state.step >= worker.stop_step:
             break
         paused_from = time.perf_counter()
+        finish_checkpoint_if_uploaded(worker)
         if worker.evaluation.due(state.step):
             evaluate(worker)
             if state.step % cfg.checkpoint.every_steps:  # else the checkpoint's report carries the results
-                checkpoints.report_metrics(_report_metrics(worker))  # Ray Tune's schedulers act on them
+                finish_checkpoint(worker)  # reports reach Ray Tune in step order
+                checkpoints.report_metrics(reported_metrics(worker))  # Ray Tune's schedulers act on them
         if state.step % cfg.checkpoint.every_steps == 0:
             state.data_position = batches.position()
-            save(worker)
+            save(worker, background=cfg.checkpoint.background)
         window_paused += pace.paused(time.perf_counter() - paused_from)
     if worker.is_chief:
         _note_data_health(worker, batches.error_counters())
     if state.step < worker.stop_step and worker.is_chief and not worker.stopped:
         logger.warning("the data stream ended at step %d of %d", state.step, worker.stop_step)
     state.data_position = batches.position()
-
-
-def save(worker: Worker, extra_files: dict[str, str] | None = None) -> None:
-    """A checkpoint of this step (collective); the MLflow run id goes along once the store has given one."""
-    if worker.tracker is not None and worker.tracker.run_id:
-        worker.state.mlflow_run_id = worker.tracker.run_id
-    run = runs.run_location(worker.cfg.checkpoint.storage_path, worker.cfg.checkpoint.s3_endpoint_url, worker.cfg.name)
-    checkpoints.save_and_report(worker.engine, worker.state, worker.rank, _report_metrics(worker), run, extra_files)
-    worker.saved_step = worker.state.step
 
 
 def optimizer_step(worker: Worker, images: torch.Tensor, tokens: torch.Tensor) -> StepResult:
@@ -355,16 +357,12 @@ def evaluate(worker: Worker, *, final: bool = False) -> list[EvalResult]:
     return results
 
 
-def _report_metrics(worker: Worker) -> dict[str, Any]:
-    state = worker.state
-    return {"step": state.step, "samples_seen": state.samples_seen, "mlflow_run_id": state.mlflow_run_id, **worker.last_metrics}
-
-
 def _finish(worker: Worker) -> None:
     """Final evaluation, export, final checkpoint (with the export), the MLflow run closed, and the end report
     for the driver (what reached MLflow). A run that ended short (the data stream ran out) is neither exported nor
     registered; one stopped on request only gets its checkpoint."""
     state = worker.state
+    finish_checkpoint(worker)
     if worker.stopped:
         if worker.is_chief:
             logger.info("stopping at step %d as the job asked", state.step)

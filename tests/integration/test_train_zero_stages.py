@@ -9,12 +9,14 @@ weights moved away from the seeded start, and evaluated alone it must score what
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
 
 from models import create_model
 from orchestrator.eval import FeatureEncoder, InLoopEvaluation, WorkerFeatures, zero_shot
+from orchestrator.plan import config_shape, rank_bytes
 from orchestrator.train import build_model, build_trainer
 from tests.factories import metric_history
 
@@ -39,6 +41,13 @@ def test_two_workers_train_and_loss_falls(tiny_run_config, zero_stage):
             "zero_pp_rank_1_mp_rank_00_optim_states.pt",
         ]
         exported = torch.load(os.path.join(directory, "openai_model.pt"))
+        # the planner's bytes per rank (jobs/plan.py's checkpoint line) against DeepSpeed's files
+        written = [0] * cfg.scaling.num_workers
+        for name in partitions:
+            rank = int(re.match(r"zero_pp_rank_(\d+)_", name).group(1)) if name.startswith("zero_pp_rank_") else 0
+            written[rank] += os.path.getsize(os.path.join(directory, "ds", name))
+    predicted = rank_bytes(config_shape(cfg, cfg.scaling.num_workers))
+    assert all(0.9 <= p / w <= 1.1 for p, w in zip(predicted, written)), (predicted, written)
     assert exported["logit_scale"].shape == ()
     model = create_model("ViT-tiny")
     model.load_openai_state_dict(exported)  # strict: every key and shape

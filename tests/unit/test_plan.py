@@ -21,6 +21,7 @@ from orchestrator.plan import (
     GPU_TYPES,
     GIB,
     StepShape,
+    checkpoint_cost,
     choose_micro_batch,
     estimate_memory,
     get_gpu_type,
@@ -28,6 +29,8 @@ from orchestrator.plan import (
     measured_mfu,
     memory_problems,
     parameter_counts,
+    rank_bytes,
+    shape_for,
 )
 from orchestrator.plan.activations import Widths, image_tower, text_tower
 from orchestrator.plan.timing import MEASUREMENTS
@@ -207,6 +210,7 @@ def test_the_written_config_loads_and_matches_the_plan(tmp_path, capsys):
     (["--precision", "fp16"], "error: --precision fp16: allowed: autocast, bf16, fp32"),
     (["--gpu-type", "v100"], "error: --gpu-type v100: allowed: a100-40gb, a100-80gb, h100, h200"),
     (["--grad-checkpointing", "yes"], "error: --grad-checkpointing yes: allowed: on, off"),
+    (["--upload-gbps", "0"], "error: --upload-gbps 0.0: allowed: a positive number of GB/s"),
 ])
 def test_a_bad_flag_exits_2_naming_it(flags, message, capsys):
     assert plan_main(["--model", "ViT-L/14", "--gpus", "8", *flags]) == 2
@@ -350,3 +354,18 @@ def test_patch_dropout_plans_fewer_flops_and_activations_and_is_kept_in_the_writ
     assert RunConfig.from_dict(yaml.safe_load(out.read_text())).model.patch_dropout == 0.5
     assert plan_main(["--model", "RN50", "--gpus", "8", "--patch-dropout", "0.5"]) == 2
     assert "RN50 has a resnet image tower; allowed: 0" in capsys.readouterr().err
+
+
+def test_a_checkpoint_costs_rank_0_the_whole_weights_under_zero_1_and_every_rank_one_share_under_zero_3(capsys):
+    shape = shape_for(get_model_spec("ViT-L/14"), world_size=256, global_batch=32768, micro_batch=32, zero_stage=1,
+                      precision="autocast", grad_checkpointing=True)
+    zero_1, zero_3 = rank_bytes(shape), rank_bytes(dataclasses.replace(shape, zero_stage=3))
+    parameters = shape.counts.total
+    assert zero_1[0] - zero_1[1] == 4 * parameters and len(set(zero_1[1:])) == 1  # rank 0 adds the fp32 weights
+    assert len(set(zero_3)) == 1 and 256 * zero_3[0] <= 12 * parameters  # master + 2 moments, split 256 ways
+    cost = checkpoint_cost(shape, upload_gbps=1.0)
+    assert cost.upload_s == pytest.approx(zero_1[0] / 1e9) and cost.stall_background_s < cost.stall_upload_first_s
+    assert plan_main(["--model", "ViT-L/14", "--gpus", "256", "--upload-gbps", "1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"checkpoint: {sum(zero_1) / 1e9:.2f} GB in all, {zero_1[0] / 1e9:.2f} GB from the rank")
+    assert f"{cost.stall_upload_first_s:.2f} s uploading first (at 1 GB/s per worker" in line

@@ -21,11 +21,11 @@ the upload's copying and hashing compete with the step for the cores), and print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness.local_servers import free_port, stop, wait_until_serving  # noqa: E402
+from harness.local_servers import free_port, moto_server  # noqa: E402
 
 AWS = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark", "AWS_DEFAULT_REGION": "us-east-1",
        "AWS_EC2_METADATA_DISABLED": "true"}
@@ -116,17 +116,13 @@ def main() -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    s3_url, server = None, None
-    if "s3" in args.targets:
-        port = free_port()
-        s3_url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until_serving(s3_url + "/moto-api/", server, name="moto server", timeout_s=30)
-        import boto3
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as servers:
+        s3_url = None
+        if "s3" in args.targets:
+            import boto3
 
-        boto3.client("s3", endpoint_url=s3_url).create_bucket(Bucket="stall")
-    try:
+            s3_url = servers.enter_context(moto_server(os.path.join(scratch, "moto.log")))
+            boto3.client("s3", endpoint_url=s3_url).create_bucket(Bucket="stall")
         for model in args.models:
             for target in args.targets:
                 record = measure(model, target, s3_url, args.repeats, args.steps)
@@ -138,9 +134,6 @@ def main() -> None:
                 if args.json:
                     with open(args.json, "a") as handle:
                         handle.write(json.dumps(record) + "\n")
-    finally:
-        if server is not None:
-            stop(server)
 
 
 if __name__ == "__main__":

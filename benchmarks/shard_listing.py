@@ -24,8 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from harness.local_servers import free_port, stop, wait_until_serving
+from harness.local_servers import moto_server as local_moto_server
 
 FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
@@ -97,15 +95,9 @@ def median_seconds(run, rounds: int) -> tuple[float, object]:
 @contextlib.contextmanager
 def moto_server(scratch: str) -> Iterator[tuple[str, str]]:
     """(endpoint URL, access log path) of a moto S3 server on 127.0.0.1, stopped by its PID on exit."""
-    port, log_path = free_port(), os.path.join(scratch, "moto.log")
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **FAKE_AWS_ENV})
-        try:
-            wait_until_serving(f"http://127.0.0.1:{port}/moto-api/", server, name="moto server", timeout_s=30)
-            yield f"http://127.0.0.1:{port}", log_path
-        finally:
-            stop(server)
+    log_path = os.path.join(scratch, "moto.log")
+    with local_moto_server(log_path, env={**os.environ, **FAKE_AWS_ENV}) as url:
+        yield url, log_path
 
 
 def shard_set_objects(names: list[str]) -> list[tuple[str, bytes]]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -45,6 +48,21 @@ def wait_until_serving(
         except OSError:
             time.sleep(0.3)
     raise RuntimeError(f"{name} at {url} did not answer within {timeout_s} s{log_tail()}")
+
+
+@contextlib.contextmanager
+def moto_server(log_path: str | Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """The endpoint URL of a moto S3 server on 127.0.0.1 (its output in ``log_path``), stopped by its PID on exit."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_until_serving(url + "/moto-api/", server, name="moto server", timeout_s=30, log_path=Path(log_path))
+            yield url
+        finally:
+            stop(server)
 
 
 def stop(process: subprocess.Popen, timeout_s: float = 15) -> None:

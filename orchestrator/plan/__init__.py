@@ -2,9 +2,9 @@
 
 What other packages may use. Modules: ``gpus`` (the GPU table), ``activations`` (per-sample activation
 bytes from the model spec), ``memory`` (every per-GPU term), ``timing`` (FLOPs, communication, step
-time), ``checkpoints`` (a checkpoint's bytes per rank and the time training stops for it), ``planner`` (the plan, the refusal messages, the elastic micro-batch), ``report`` (text, JSON and the
-run config ``jobs/plan.py`` writes). The real CPU steps that check the arithmetic are ``harness.measure``,
-outside the library.
+time), ``checkpoints`` (a checkpoint's bytes per rank and the time training stops for it), ``planner`` (the plan,
+the refusal messages, the elastic micro-batch), ``report`` (text, JSON and the run config ``jobs/plan.py``
+writes). The real CPU steps that check the arithmetic are ``harness.measure``, outside the library.
 """
 
 from orchestrator.facade import lazy_facade

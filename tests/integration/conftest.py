@@ -8,14 +8,12 @@ depends on ``aws_credentials``: every worker then sees the same fake keys the te
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harness.local_servers import free_port, stop, wait_until_serving
+from harness.local_servers import moto_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,20 +43,8 @@ def aws_credentials() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="session")
 def s3_endpoint(aws_credentials: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a real S3 HTTP endpoint (moto) on 127.0.0.1; the server is stopped by its PID at the end."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_until_serving(url + "/moto-api/", process, name="moto server", timeout_s=30)
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
         yield url
-    finally:
-        stop(process)
-        log.close()
 
 
 @pytest.fixture(scope="session")

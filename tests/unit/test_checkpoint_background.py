@@ -18,7 +18,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from harness.local_servers import free_port, stop, wait_until_serving
+from harness.local_servers import moto_server
 from orchestrator import runs
 from orchestrator.config import RunConfig
 from orchestrator.train import checkpoint as checkpoints
@@ -56,18 +56,10 @@ time.sleep(600)
 def s3(tmp_path, monkeypatch):
     for name, value in AWS.items():
         monkeypatch.setenv(name, value)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with (tmp_path / "moto.log").open("wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until_serving(url + "/moto-api/", server, name="moto server", timeout_s=30)
-            client = boto3.client("s3", endpoint_url=url)
-            client.create_bucket(Bucket="ckpt")
-            yield url, client
-        finally:
-            stop(server)
+    with moto_server(tmp_path / "moto.log") as url:
+        client = boto3.client("s3", endpoint_url=url)
+        client.create_bucket(Bucket="ckpt")
+        yield url, client
 
 
 def _keys(client, prefix: str) -> list[str]:
